@@ -1,0 +1,274 @@
+"""The MPI world a run lives in: who am I, how was I launched, what time is it on rank 0.
+
+Everything that touches MPI outside the gradient-exchange schemes lives here, so that the
+trainer can stay free of MPI. Collective functions must be called by every rank of the
+communicator, in the same order; each says so.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def _mpi():
+    # Imported lazily so that `ringtrain --help` and `ringtrain report` work without an MPI library.
+    from mpi4py import MPI
+
+    return MPI
+
+
+# --------------------------------------------------------------------------- launcher
+
+
+@dataclass
+class LaunchInfo:
+    """What the launcher told us through the environment (None where it said nothing)."""
+
+    launcher: str  # mpirun | mpiexec-hydra | srun | horovodrun | torchrun | singleton
+    env_rank: int | None = None
+    env_size: int | None = None
+    env_local_rank: int | None = None
+    slurm_job_id: str | None = None
+    slurm_ntasks: int | None = None
+
+
+def _int_env(*names: str) -> int | None:
+    for n in names:
+        v = os.environ.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                pass
+    return None
+
+
+def detect_launcher() -> LaunchInfo:
+    """Read the launcher's environment variables. Pure function of os.environ; no MPI."""
+    env = os.environ
+    slurm_job = env.get("SLURM_JOB_ID")
+    slurm_ntasks = _int_env("SLURM_NTASKS", "SLURM_NPROCS")
+    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
+        launcher = "horovodrun"
+        rank, size, local = _int_env("HOROVOD_RANK"), _int_env("HOROVOD_SIZE"), _int_env("HOROVOD_LOCAL_RANK")
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        launcher = "horovodrun" if "HOROVOD_CYCLE_TIME" in env or "HOROVOD_STALL_CHECK_TIME_SECONDS" in env else "mpirun"
+        rank, size = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
+        local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK")
+    elif "PMI_RANK" in env or "PMIX_RANK" in env:
+        launcher = "srun" if "SLURM_STEP_ID" in env and slurm_job else "mpiexec-hydra"
+        rank, size = _int_env("PMI_RANK", "PMIX_RANK"), _int_env("PMI_SIZE")
+        local = _int_env("MPI_LOCALRANKID", "SLURM_LOCALID")
+    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        launcher = "srun"
+        rank, size, local = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
+    elif "LOCAL_RANK" in env and "RANK" in env:
+        launcher = "torchrun"
+        rank, size, local = _int_env("RANK"), _int_env("WORLD_SIZE"), _int_env("LOCAL_RANK")
+    else:
+        launcher, rank, size, local = "singleton", None, None, None
+    return LaunchInfo(launcher, rank, size, local, slurm_job, slurm_ntasks)
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+def check_launch(info: LaunchInfo, mpi_rank: int, mpi_size: int) -> None:
+    """Fail loudly when MPI's view of the world disagrees with the launcher's.
+
+    The common case: `srun -n 4 python -m ringtrain ...` with an MPI that was not built with
+    SLURM's PMI support starts four independent singletons, each of which thinks it is rank 0
+    of 1 and would silently train alone.
+    """
+    if info.env_size is not None and info.env_size != mpi_size:
+        raise LaunchError(
+            f"rank {mpi_rank}: the launcher ({info.launcher}) started {info.env_size} processes but MPI "
+            f"sees a world of {mpi_size}. The ranks were started as separate MPI singletons. Launch with "
+            f"`mpirun -n {info.env_size} python -m ringtrain ...`, or `srun --mpi=pmix` with an MPI built "
+            f"for SLURM."
+        )
+    if info.slurm_ntasks is not None and info.launcher == "srun" and info.slurm_ntasks != mpi_size:
+        raise LaunchError(
+            f"rank {mpi_rank}: SLURM_NTASKS={info.slurm_ntasks} but MPI sees a world of {mpi_size}. "
+            f"Inside an allocation, use `mpirun -n $SLURM_NTASKS python -m ringtrain ...`."
+        )
+    if info.env_rank is not None and info.env_rank != mpi_rank:
+        raise LaunchError(f"rank {mpi_rank}: the launcher says this is rank {info.env_rank}, MPI says {mpi_rank}.")
+
+
+# --------------------------------------------------------------------------- world
+
+
+@dataclass
+class World:
+    """One process's view of the job. Create with `World.init()` (collective over COMM_WORLD)."""
+
+    comm: object  # mpi4py communicator; schemes duplicate it, nobody else sends on it
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    hostname: str
+    launch: LaunchInfo
+    clock_offset: float = 0.0  # add to time.time() to get rank 0's clock
+    clock_uncertainty: float = 0.0  # half the best ping-pong round trip, seconds
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def init(cls, comm=None, align_clocks: bool = True) -> "World":
+        """Collective: every rank of `comm` (default COMM_WORLD) must call it."""
+        MPI = _mpi()
+        comm = comm if comm is not None else MPI.COMM_WORLD
+        info = detect_launcher()
+        check_launch(info, comm.Get_rank(), comm.Get_size()) if comm == MPI.COMM_WORLD else None
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+        world = cls(
+            comm=comm,
+            rank=comm.Get_rank(),
+            size=comm.Get_size(),
+            local_rank=node.Get_rank(),
+            local_size=node.Get_size(),
+            hostname=socket.gethostname(),
+            launch=info,
+        )
+        node.Free()
+        if align_clocks:
+            world.clock_offset, world.clock_uncertainty = measure_clock_offset(comm)
+        return world
+
+    # Small helpers for control values. Buffer-based; collective over self.comm.
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def allreduce_sum(self, values) -> np.ndarray:
+        MPI = _mpi()
+        a = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=MPI.SUM)
+        return out
+
+    def allreduce_max(self, values) -> np.ndarray:
+        MPI = _mpi()
+        a = np.ascontiguousarray(values, dtype=np.float64)
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out, op=MPI.MAX)
+        return out
+
+    def bcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        """Broadcast a small byte string (addresses, JSON). Buffer-based, no pickle."""
+        n = np.array([len(data) if self.rank == root else 0], dtype=np.int64)
+        self.comm.Bcast(n, root=root)
+        buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self.comm.Bcast(buf, root=root)
+        return buf.tobytes()
+
+    def now(self) -> float:
+        """Seconds on rank 0's clock (time.time() plus the measured offset)."""
+        return time.time() + self.clock_offset
+
+    def abort(self, code: int = 1) -> None:
+        self.comm.Abort(code)
+
+
+def measure_clock_offset(comm, pings: int = 8) -> tuple[float, float]:
+    """Collective: offset of this rank's time.time() to rank 0's, and its uncertainty.
+
+    Each rank r > 0 in turn does `pings` ping-pongs with rank 0 and keeps the exchange with
+    the smallest round trip (Cristian's algorithm): offset = t0_master - (t_send + t_recv)/2,
+    uncertainty = rtt/2. Rank 0 returns (0, 0).
+    """
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size == 1:
+        return 0.0, 0.0
+    buf = np.zeros(1, dtype=np.float64)
+    best_rtt, best_offset = float("inf"), 0.0
+    if rank == 0:
+        for peer in range(1, size):
+            for _ in range(pings):
+                comm.Recv(buf, source=peer, tag=7001)
+                buf[0] = time.time()
+                comm.Send(buf, dest=peer, tag=7002)
+    else:
+        for _ in range(pings):
+            t0 = time.time()
+            comm.Send(buf, dest=0, tag=7001)
+            comm.Recv(buf, source=0, tag=7002)
+            t1 = time.time()
+            if t1 - t0 < best_rtt:
+                best_rtt, best_offset = t1 - t0, float(buf[0]) - (t0 + t1) / 2
+    comm.Barrier()
+    return (best_offset, best_rtt / 2) if rank else (0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def install_abort_on_error(comm=None) -> None:
+    """Make an uncaught exception on any rank (main thread or a communication thread)
+    print `[rank R] ...` and abort the whole job, instead of leaving the other ranks
+    blocked in a collective forever (what happens under plain `python script.py`).
+    """
+    MPI = _mpi()
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    rank = comm.Get_rank()
+
+    def _report_and_abort(exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt:
+            sys.stderr.write(f"[rank {rank}] interrupted\n")
+        else:
+            text = "".join(traceback.format_exception(exc_type, exc, tb)) if os.environ.get("RINGTRAIN_TRACEBACK") else ""
+            sys.stderr.write(f"{text}[rank {rank}] error: {exc_type.__name__}: {exc}\n")
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(getattr(exc, "exit_code", 1) or 1)
+        os._exit(getattr(exc, "exit_code", 1) or 1)
+
+    sys.excepthook = _report_and_abort
+    threading.excepthook = lambda args: _report_and_abort(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def init_torch_distributed(world: World, backend: str = "gloo", timeout_s: float = 120.0) -> None:
+    """Collective: start torch.distributed on the same ranks as `world` (for gloo/nccl/DDP).
+
+    Rank 0 picks a free TCP port and broadcasts its address over MPI, so no MASTER_ADDR /
+    MASTER_PORT needs to be set by the user.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if world.rank == 0:
+        s = socket.socket()
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+        s.close()
+        addr = os.environ.get("RINGTRAIN_MASTER_ADDR") or _routable_address()
+        msg = f"{addr}:{port}".encode()
+    else:
+        msg = None
+    addr, port = world.bcast_bytes(msg).decode().rsplit(":", 1)
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=world.rank,
+        world_size=world.size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _routable_address() -> str:
+    # The address other hosts reach us at; 127.0.0.1 is enough when every rank is local.
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
