@@ -1,0 +1,334 @@
+"""Bandwidth-optimal ring all-reduce in pure mpi4py + numpy.
+
+    ring = Ring(MPI.COMM_WORLD)                  # collective: duplicates the communicator
+    ring.allreduce_(grad)                        # in place, blocking; average by default
+    h = ring.allreduce_async_(grad, op="sum")    # in place, returns at once
+    ...                                          # overlap other work here
+    ring.synchronize(h)                          # grad now holds the sum over all ranks
+
+Algorithm. The buffer of n elements is cut into N contiguous segments (sizes differ by at
+most one element). Reduce-scatter: in N-1 steps every rank sends one segment to its right
+neighbour and adds the one arriving from its left into place; afterwards rank r holds the
+complete sum of segment (r+1) mod N. All-gather: N-1 more steps pass the complete segments
+around. Per rank that is 2(N-1) messages and 2(N-1)/N·S bytes each way, independent of N:
+the bandwidth-optimal schedule (Patarasuk & Yuan 2009; the one NCCL and Horovod use).
+
+In step s (0 <= s < 2(N-1)) rank r receives segment (r-s-1) mod N from the left and sends
+segment (r-s) mod N to the right, which is exactly the segment it finished in step s-1. So
+each segment is split into chunks and every chunk is forwarded the moment it has been
+reduced (or received): the pipeline runs across step boundaries and the transfer of chunk
+k+1 overlaps the reduction of chunk k.
+
+Contract of every call: collective over the ring's communicator; every rank calls with the
+same element count, dtype and op, in the same order (checked, see `check`). Buffers are
+reduced in place; a torch tensor is used through a numpy view of its memory, never copied.
+Only buffer-based MPI calls carry data (no pickle).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ringtrain.engine import Engine, Handle
+
+# Default pipeline chunk. Large enough that per-chunk Python overhead (a few µs) is small
+# against the copy; small enough that a multi-MiB segment is split into several chunks.
+DEFAULT_CHUNK_BYTES = 1 << 20
+
+OPS = ("sum", "average")
+
+# dtype name -> (code sent in the layout header, wire numpy dtype)
+_DTYPES = {
+    "float32": (1, np.float32),
+    "float64": (2, np.float64),
+    "float16": (3, np.float16),
+    "bfloat16": (4, np.uint16),  # numpy has no bfloat16: carried as raw 16-bit words
+}
+_CODE_TO_DTYPE = {code: name for name, (code, _) in _DTYPES.items()}
+
+
+class RingMismatchError(ValueError):
+    """Ranks called the same all-reduce with different sizes, dtypes, ops or order.
+    Raised on every rank at once, so none is left waiting."""
+
+
+@dataclass
+class CallStats:
+    """What one all-reduce call did on this rank."""
+
+    count: int = 0
+    dtype: str = ""
+    bytes_sent: int = 0
+    bytes_recv: int = 0
+    t_wait_peers: float = 0.0  # time in the layout check: waiting for the slowest rank to arrive
+    t_ring: float = 0.0  # time in the ring proper
+
+
+def _mpi():
+    from mpi4py import MPI
+
+    return MPI
+
+
+def as_wire_array(buf) -> tuple[np.ndarray, str]:
+    """A 1-D numpy view of `buf`'s memory (no copy) and its dtype name.
+
+    Accepts a numpy array or a torch CPU tensor, contiguous. Raises TypeError otherwise:
+    an all-reduce that silently reduced a copy would leave the caller's buffer unchanged.
+    """
+    if isinstance(buf, np.ndarray):
+        if not buf.flags.c_contiguous:
+            raise TypeError("ring all-reduce needs a C-contiguous array (it reduces in place)")
+        name = buf.dtype.name
+        if name not in _DTYPES or name == "bfloat16":
+            raise TypeError(f"ring all-reduce supports {sorted(_DTYPES)}, got numpy {buf.dtype}")
+        return buf.reshape(-1), name
+    import torch
+
+    if not isinstance(buf, torch.Tensor):
+        raise TypeError(f"ring all-reduce takes a numpy array or torch tensor, got {type(buf).__name__}")
+    if buf.device.type != "cpu":
+        raise TypeError(
+            f"ring all-reduce got a tensor on {buf.device}; pass a CPU tensor, or use the staged "
+            f"CUDA path (ringtrain.staging) which copies through pinned host memory"
+        )
+    if not buf.is_contiguous():
+        raise TypeError("ring all-reduce needs a contiguous tensor (it reduces in place)")
+    t = buf.detach()
+    name = str(t.dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        raise TypeError(f"ring all-reduce supports {sorted(_DTYPES)}, got {t.dtype}")
+    if name == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16).reshape(-1), name
+    return t.numpy().reshape(-1), name
+
+
+def _reducer(dtype: str):
+    """(add(dst, src), scale(dst, n)) for a wire dtype; both in place on numpy views."""
+    if dtype in ("float32", "float64"):
+
+        def add(dst, src):
+            np.add(dst, src, out=dst)
+
+        def divide(dst, n):
+            np.divide(dst, n, out=dst)
+
+        return add, divide
+    import torch
+
+    # 16-bit types: torch computes each add in float32 and rounds once to the 16-bit result
+    # (numpy's float16 arithmetic is far slower, and numpy has no bfloat16 at all).
+    tdt = torch.float16 if dtype == "float16" else torch.bfloat16
+
+    def view(a):
+        t = torch.from_numpy(a)
+        return t if dtype == "float16" else t.view(torch.int16).view(tdt)
+
+    def add16(dst, src):
+        view(dst).add_(view(src))
+
+    def divide16(dst, n):
+        v = view(dst)
+        v.copy_(v.float().div_(n))
+
+    return add16, divide16
+
+
+class Ring:
+    """A ring over a duplicate of `comm` (collective constructor: every rank calls it).
+
+    chunk_bytes  pipeline chunk size in bytes.
+    check        "always": every call first agrees on (count, dtype, op, name, call index)
+                 with one tiny MPI_Allreduce, so a mismatch raises RingMismatchError on every
+                 rank instead of hanging, and the time spent there measures how long this rank
+                 waited for the slowest one. "never": skip it (saves a few µs per call).
+    """
+
+    def __init__(self, comm=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, check: str = "always"):
+        MPI = _mpi()
+        if check not in ("always", "never"):
+            raise ValueError(f"check must be 'always' or 'never', got {check!r}")
+        self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.chunk_bytes = int(chunk_bytes)
+        self.check = check
+        self.calls = 0  # calls submitted so far (identical on every rank when used correctly)
+        self.bytes_sent = 0  # running totals over all calls
+        self.bytes_recv = 0
+        self.last = CallStats()
+        self._engine = Engine(f"ringtrain-ring-{self.rank}")
+        self._tmp = np.empty(0, dtype=np.uint8)
+
+    # ---- public API ---------------------------------------------------------------------
+
+    def allreduce_(self, buf, op: str = "average", name: str | None = None):
+        """Blocking, in place. Returns `buf`. Collective."""
+        return self.synchronize(self._submit(buf, op, name, inline_if_idle=True))
+
+    def allreduce_async_(self, buf, op: str = "average", name: str | None = None) -> Handle:
+        """Start an in-place all-reduce on the background thread; returns a Handle at once.
+        `buf` must not be read or written until `synchronize(handle)` returns. Collective:
+        every rank must start the same calls in the same order."""
+        return self._submit(buf, op, name, inline_if_idle=False)
+
+    def synchronize(self, handle: Handle):
+        """Wait for an async call; returns its buffer, re-raises its error."""
+        return handle.wait()
+
+    def close(self) -> None:
+        """Stop the background thread and free the communicator. Collective."""
+        self._engine.close()
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _submit(self, buf, op, name, inline_if_idle):
+        if op not in OPS:
+            raise ValueError(f"op must be one of {OPS}, got {op!r}")
+        arr, dtype = as_wire_array(buf)
+        seq = self.calls
+        self.calls += 1
+        if inline_if_idle and self._engine.idle:
+            return self._engine.run_inline(self._call, buf, arr, dtype, op, name, seq)
+        return self._engine.submit(self._call, buf, arr, dtype, op, name, seq)
+
+    def _call(self, handle: Handle, buf, arr, dtype, op, name, seq):
+        import time
+
+        stats = CallStats(count=arr.size, dtype=dtype)
+        t0 = time.perf_counter()
+        if self.check == "always":
+            self._check_layout(arr.size, dtype, op, name, seq)
+        t1 = time.perf_counter()
+        stats.t_wait_peers = t1 - t0
+        if self.size > 1 and arr.size > 0:
+            stats.bytes_sent, stats.bytes_recv = self._ring(arr, dtype, op == "average")
+        stats.t_ring = time.perf_counter() - t1
+        self.bytes_sent += stats.bytes_sent
+        self.bytes_recv += stats.bytes_recv
+        self.last = stats
+        handle.info["stats"] = stats
+        return buf
+
+    def _check_layout(self, count, dtype, op, name, seq) -> None:
+        check_layout(self.comm, count, dtype, op, name, seq)
+
+    def _ring(self, arr: np.ndarray, dtype: str, average: bool) -> tuple[int, int]:
+        MPI = _mpi()
+        comm, N, r = self.comm, self.size, self.rank
+        n, isz = arr.size, arr.itemsize
+        bounds = [(i * n) // N for i in range(N + 1)]
+        chunk = max(1, self.chunk_bytes // isz)
+        right, left = (r + 1) % N, (r - 1) % N
+        nsteps = 2 * (N - 1)
+        add, divide = _reducer(dtype)
+        raw = arr.view(np.uint8)  # bytes go on the wire: [buffer, MPI.BYTE] works for every dtype
+
+        max_seg = max(bounds[i + 1] - bounds[i] for i in range(N))
+        if self._tmp.nbytes < max_seg * isz:
+            self._tmp = np.empty(max_seg * isz, dtype=np.uint8)
+        tmp = self._tmp[: max_seg * isz].view(arr.dtype)
+
+        def chunks(seg):
+            lo, hi = bounds[seg], bounds[seg + 1]
+            return [(a, min(a + chunk, hi)) for a in range(lo, hi, chunk)]
+
+        sent = recv = 0
+        send_reqs = []
+        for a, b in chunks(r):  # step 0 sends this rank's own segment
+            send_reqs.append(comm.Isend([raw[a * isz : b * isz], MPI.BYTE], right, tag=0))
+            sent += (b - a) * isz
+        for s in range(nsteps):
+            seg = (r - s - 1) % N
+            reduce_step = s < N - 1  # reduce-scatter: add into place; all-gather: copy into place
+            lo = bounds[seg]
+            cks = chunks(seg)
+            if reduce_step:
+                recv_reqs = [
+                    comm.Irecv([tmp[a - lo : b - lo].view(np.uint8), MPI.BYTE], left, tag=s) for a, b in cks
+                ]
+            else:
+                recv_reqs = [comm.Irecv([raw[a * isz : b * isz], MPI.BYTE], left, tag=s) for a, b in cks]
+            next_sends = []
+            for k, (a, b) in enumerate(cks):
+                recv_reqs[k].Wait()
+                recv += (b - a) * isz
+                if reduce_step:
+                    add(arr[a:b], tmp[a - lo : b - lo])
+                    if s == N - 2 and average:
+                        divide(arr[a:b], N)  # this chunk is now final: average before passing it on
+                if s + 1 < nsteps:  # forward what we just finished: next step's send segment
+                    next_sends.append(comm.Isend([raw[a * isz : b * isz], MPI.BYTE], right, tag=s + 1))
+                    sent += (b - a) * isz
+            # This step's sends must be complete before any later step may write the region
+            # they read from (the all-gather overwrites it N-1 steps later).
+            MPI.Request.Waitall(send_reqs)
+            send_reqs = next_sends
+        MPI.Request.Waitall(send_reqs)
+        return sent, recv
+
+
+def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: int) -> None:
+    """Collective agreement on one all-reduce's layout; raises RingMismatchError on every
+    rank if any rank disagrees on element count, dtype, op, tensor name or call index.
+
+    One Allreduce(MAX) of [h, -h] yields every field's max and -min in a single tiny
+    collective; only when they differ are all headers gathered, to name the ranks. Because
+    every rank blocks here until the last one arrives, the time spent here is this rank's
+    wait for the slowest peer (arrival skew).
+    """
+    MPI = _mpi()
+    size = comm.Get_size()
+    name_hash = zlib.crc32(name.encode()) if name else 0
+    header = np.array([count, _DTYPES[dtype][0], OPS.index(op), name_hash, seq], dtype=np.int64)
+    both = np.concatenate([header, -header])
+    out = np.empty_like(both)
+    comm.Allreduce(both, out, op=MPI.MAX)
+    k = header.size
+    if np.array_equal(out[:k], -out[k:]):
+        return
+    table = np.empty((size, k), dtype=np.int64)
+    comm.Allgather(header, table)
+    lines = [
+        f"rank {r}: {c} x {_CODE_TO_DTYPE.get(int(dt), '?')} op={OPS[int(o)]} call #{sq}"
+        for r, (c, dt, o, nh, sq) in enumerate(table)
+    ]
+    fields = ("element counts", "dtypes", "ops", "tensor names", "call order")
+    what = [f for i, f in enumerate(fields) if out[i] != -out[k + i]]
+    raise RingMismatchError(
+        f"all-reduce mismatch across ranks ({', '.join(what)} differ"
+        f"{f'; this rank called it {name!r}' if name else ''}): "
+        + "; ".join(lines)
+        + ". Every rank must all-reduce the same tensors, with the same sizes and dtypes, in the same order."
+    )
+
+
+# ---- module-level convenience over COMM_WORLD ---------------------------------------------
+
+_default: Ring | None = None
+
+
+def default_ring() -> Ring:
+    """A process-wide ring over COMM_WORLD, created on first use (collective then)."""
+    global _default
+    if _default is None:
+        _default = Ring()
+    return _default
+
+
+def allreduce_(buf, op: str = "average", name: str | None = None):
+    """In-place ring all-reduce over COMM_WORLD. Collective."""
+    return default_ring().allreduce_(buf, op, name)
+
+
+def allreduce_async_(buf, op: str = "average", name: str | None = None) -> Handle:
+    return default_ring().allreduce_async_(buf, op, name)
+
+
+def synchronize(handle: Handle):
+    return handle.wait()

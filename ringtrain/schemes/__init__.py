@@ -1,0 +1,27 @@
+"""Gradient-exchange schemes, one module each, all behind ringtrain.schemes.base.Scheme.
+
+The registry maps `--backend NAME` to "module:Class"; modules are imported only when chosen,
+so a scheme whose library is missing (horovod) costs nothing until asked for.
+"""
+from __future__ import annotations
+
+import importlib
+
+SCHEMES = {
+    "ring": "ringtrain.schemes.ring:RingScheme",
+    "mpi": "ringtrain.schemes.mpi:MpiScheme",
+    "ddp": "ringtrain.schemes.ddp:DdpScheme",
+    "none": "ringtrain.schemes.none:NoExchange",
+}
+
+
+def scheme_names() -> list[str]:
+    return list(SCHEMES)
+
+
+def make_scheme(name: str, world, config: dict | None = None):
+    """Construct the scheme registered as `name`. Not collective (setup() is)."""
+    if name not in SCHEMES:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(SCHEMES)}")
+    module, cls = SCHEMES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(world, config)

@@ -1,0 +1,213 @@
+"""Bucketed gradient all-reduce with overlap: the shared machinery of ring, mpi, horovod, none.
+
+Buckets. Parameters are taken in reverse registration order (roughly the order backward
+produces their gradients) and packed into buckets of at most `bucket_cap_mb` MiB of one
+dtype, like DDP's bucket_cap_mb or Horovod's fusion threshold. Each bucket owns one flat
+contiguous buffer, so one all-reduce moves many small gradients.
+
+Overlap. A post-accumulate-grad hook copies each gradient into its bucket as soon as
+autograd has produced it. When a bucket is full its all-reduce starts at once (on the
+scheme's background thread) while backward goes on computing earlier layers. Buckets are
+started strictly in index order, so every rank issues the same collectives in the same
+order even if hooks fired in a different order. `end_backward` starts whatever is left
+(parameters that got no gradient contribute zeros), waits for all, and points each
+param.grad at its averaged slice of the bucket.
+
+Timers (where they could lie):
+  t_comm          sum over buckets of each all-reduce's own execution time on the background
+                  thread (from when it began executing, not when it was queued).
+  t_comm_exposed  wall time from the end of backward until the last bucket is reduced: the
+                  only communication the step really waited for.
+  t_wait_peers    time the step's first all-reduce spent in its layout check, i.e. waiting
+                  for the slowest rank to arrive.
+
+Subclasses implement `_start(flat, name) -> handle` and `_wait(handle) -> (bytes_sent,
+bytes_recv)`. A handle with t_begin/t_end attributes (ringtrain.engine.Handle) reports its
+own execution time; for others the time from _start to the end of _wait is used.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ringtrain.broadcast import broadcast_module_state, broadcast_optimizer_state
+from ringtrain.schemes.base import Scheme, StepStats, now
+
+
+class Bucket:
+    __slots__ = ("index", "params", "offsets", "flat", "ready", "handle", "t_start", "launched")
+
+    def __init__(self, index, params, dtype):
+        self.index = index
+        self.params = params
+        self.offsets = []
+        total = 0
+        for p in params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.flat = torch.zeros(total, dtype=dtype)
+        self.ready = 0
+        self.handle = None
+        self.t_start = 0.0
+        self.launched = False
+
+    def view(self, i):
+        p = self.params[i]
+        return self.flat[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
+
+    @property
+    def nbytes(self):
+        return self.flat.numel() * self.flat.element_size()
+
+
+def make_buckets(params, cap_bytes: int) -> list[Bucket]:
+    """Group params (already in launch order) into buckets of <= cap_bytes and one dtype.
+    A parameter larger than the cap gets a bucket of its own."""
+    buckets, current, size, dtype = [], [], 0, None
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if current and (size + nbytes > cap_bytes or p.dtype != dtype):
+            buckets.append(Bucket(len(buckets), current, dtype))
+            current, size = [], 0
+        current.append(p)
+        size += nbytes
+        dtype = p.dtype
+    if current:
+        buckets.append(Bucket(len(buckets), current, dtype))
+    return buckets
+
+
+class BucketedAllreduce(Scheme):
+    """Base for all-reduce schemes. Config keys: bucket_cap_mb (float, default 4),
+    overlap (bool, default True), op ("average")."""
+
+    name = "allreduce-base"
+    counts_bytes = "measured"  # or "cost model" where the library reports nothing
+
+    def __init__(self, world, config=None):
+        super().__init__(world, config)
+        self.bucket_cap_mb = float(self.config.get("bucket_cap_mb", 4.0))
+        self.overlap = bool(self.config.get("overlap", True))
+        self.buckets: list[Bucket] = []
+        self._bucket_of = {}
+        self._next_launch = 0
+        self._stats = StepStats()
+        self._hooks = []
+        self.grad_bytes = 0
+
+    # ---- what subclasses provide ------------------------------------------------------
+
+    def _start(self, flat: torch.Tensor, name: str):
+        raise NotImplementedError
+
+    def _wait(self, handle) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _broadcast_comm(self):
+        """Communicator for the initial broadcast (MPI); None to skip it."""
+        return self.world.comm
+
+    # ---- Scheme interface -------------------------------------------------------------
+
+    def setup(self, model, optimizer):
+        comm = self._broadcast_comm()
+        if comm is not None:
+            broadcast_module_state(model, comm)
+            broadcast_optimizer_state(optimizer, comm)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_bytes = sum(p.numel() * p.element_size() for p in params)
+        self.buckets = make_buckets(list(reversed(params)), int(self.bucket_cap_mb * 2**20))
+        for b in self.buckets:
+            for i, p in enumerate(b.params):
+                self._bucket_of[p] = (b, i)
+        if self.overlap:
+            for p in params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+        return model
+
+    def begin_step(self, step: int) -> None:
+        self._stats = StepStats()
+        self._next_launch = 0
+        for b in self.buckets:
+            b.ready, b.handle, b.launched = 0, None, False
+
+    def _on_grad_ready(self, p) -> None:
+        # Runs inside autograd, on the thread that runs backward, once per parameter.
+        b, i = self._bucket_of[p]
+        view = b.view(i)
+        if p.grad.data_ptr() != view.data_ptr():
+            view.copy_(p.grad)
+        b.ready += 1
+        if b.ready == len(b.params):
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].ready == len(
+            self.buckets[self._next_launch].params
+        ):
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+
+    def _launch(self, b: Bucket) -> None:
+        b.t_start = now()
+        b.handle = self._start(b.flat, f"bucket{b.index}")
+        b.launched = True
+
+    def end_backward(self) -> None:
+        t_end_backward = now()
+        # Without overlap (or for gradients the hooks never saw), pack now.
+        for b in self.buckets:
+            if b.ready == len(b.params):
+                continue
+            for i, p in enumerate(b.params):
+                view = b.view(i)
+                if p.grad is None:
+                    view.zero_()  # unused parameter: contributes nothing, but every rank still reduces it
+                elif p.grad.data_ptr() != view.data_ptr():
+                    view.copy_(p.grad)
+            b.ready = len(b.params)
+        self._launch_ready()
+        st = self._stats
+        t_comm = 0.0
+        for k, b in enumerate(self.buckets):
+            sent, recv = self._wait(b.handle)
+            st.bytes_sent += sent
+            st.bytes_recv += recv
+            h = b.handle
+            t_begin, t_end = getattr(h, "t_begin", None), getattr(h, "t_end", None)
+            if t_begin is None or math.isnan(t_begin):
+                t_begin, t_end = b.t_start, now()
+            t_comm += t_end - t_begin
+            if k == 0:
+                info = getattr(h, "info", None) or {}
+                s = info.get("stats")
+                st.t_wait_peers = getattr(s, "t_wait_peers", float("nan"))
+        st.t_comm = t_comm
+        st.t_comm_exposed = now() - t_end_backward
+        for b in self.buckets:
+            for i, p in enumerate(b.params):
+                p.grad = b.view(i)  # the averaged gradient, without a copy
+
+    def end_step(self) -> StepStats:
+        st, self._stats = self._stats, StepStats()
+        return st
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def manifest(self) -> dict:
+        return {
+            "bucket_cap_mb": self.bucket_cap_mb,
+            "num_buckets": len(self.buckets),
+            "bucket_bytes": [b.nbytes for b in self.buckets],
+            "overlap": self.overlap,
+            "bytes_counted_by": self.counts_bytes,
+        }
+
+    def expected_bytes_per_step(self, grad_bytes: int) -> tuple[float, float]:
+        n = self.num_workers
+        b = 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
+        return b, b

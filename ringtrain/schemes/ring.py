@@ -1,0 +1,34 @@
+"""`--backend ring`: gradients averaged with ringtrain's own pure mpi4py ring (ringtrain/ring.py)."""
+from __future__ import annotations
+
+from ringtrain.ring import DEFAULT_CHUNK_BYTES, Ring
+from ringtrain.schemes.allreduce import BucketedAllreduce
+
+
+class RingScheme(BucketedAllreduce):
+    """Config: chunk_bytes (pipeline chunk), check ("always"|"never"), plus the bucket options."""
+
+    name = "ring"
+
+    def setup(self, model, optimizer):
+        self.ring = Ring(
+            self.world.comm,
+            chunk_bytes=int(self.config.get("chunk_bytes", DEFAULT_CHUNK_BYTES)),
+            check=self.config.get("check", "always"),
+        )
+        return super().setup(model, optimizer)
+
+    def _start(self, flat, name):
+        return self.ring.allreduce_async_(flat, op="average", name=name)
+
+    def _wait(self, handle):
+        handle.wait()
+        s = handle.info["stats"]
+        return s.bytes_sent, s.bytes_recv
+
+    def close(self) -> None:
+        super().close()
+        self.ring.close()
+
+    def manifest(self) -> dict:
+        return {**super().manifest(), "chunk_bytes": self.ring.chunk_bytes, "layout_check": self.ring.check}
