@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         "communication timings logged to HDF5. Launch `train` and `bench` under mpirun/srun/horovodrun.",
     )
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    from ringtrain.cluster import add_cluster_parser
+    from ringtrain.hostfile import add_hostfile_parser
+
+    add_hostfile_parser(sub)
+    add_cluster_parser(sub)
     return p
 
 
