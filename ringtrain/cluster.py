@@ -502,7 +502,7 @@ def add_cluster_parser(subparsers) -> argparse.ArgumentParser:
     """Add `cluster up|down|status` to the ringtrain command line."""
     p = subparsers.add_parser(
         "cluster", help="emulate a cluster on this machine (network namespaces, rate-limited links; root)",
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.split("What `up` builds")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
     csub = p.add_subparsers(title="actions", metavar="ACTION")
 
     def common(q):

@@ -21,8 +21,11 @@ stop() {  # stop NAME PIDFILE: TERM, wait up to 10 s, then KILL
 
 stop slurmd "$D/slurmd.pid"
 stop slurmctld "$D/slurmctld.pid"
-# munged keeps its pid in a fixed place; only stop it if it is the one slurm_up.sh started.
-[ -f "$D/slurm.conf" ] && stop munged /run/munge/munged.pid
+# munged keeps its pid in a fixed place; stop it only if slurm_up.sh started it.
+if [ -f "$D/munged.ours" ]; then
+    stop munged /run/munge/munged.pid
+    rm -f "$D/munged.ours"
+fi
 
 if [ "${1:-}" = "--purge" ]; then
     rm -rf "$D"

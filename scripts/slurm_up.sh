@@ -87,8 +87,10 @@ if [ ! -s /etc/munge/munge.key ]; then
     else dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none; fi
     chmod 400 /etc/munge/munge.key
 fi
+# A munged that already answers (the system's own) is used as it is and left running by slurm_down.sh.
 if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     munged --force
+    touch "$D/munged.ours"
 fi
 
 if ! alive "$D/slurmctld.pid"; then
