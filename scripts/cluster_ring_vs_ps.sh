@@ -25,6 +25,8 @@
 #
 # Knobs: BANDWIDTH (1gbit) HOSTS (5: enough for 4 workers and a server) NS ("2 3 4")
 # MODEL (mlp-wide) DATASET (digits) BATCH_SIZE (32) STEPS (25) SKIP (5 warm-up steps left out)
+# TRAIN_ARGS ("--no-overlap --bucket-cap-mb 64": one all-reduce of the whole gradient after
+# backward, so t_comm is communication alone, as in the cost model)
 # BENCH_SIZES (1M,16M,64M) BENCH_ITERS (5) RINGTRAIN_PYTHON (.venv/bin/python or python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +42,7 @@ DATASET=${DATASET:-digits}
 BATCH_SIZE=${BATCH_SIZE:-32}
 STEPS=${STEPS:-25}
 SKIP=${SKIP:-5}
+TRAIN_ARGS=${TRAIN_ARGS:---no-overlap --bucket-cap-mb 64}
 BENCH_SIZES=${BENCH_SIZES:-1M,16M,64M}
 BENCH_ITERS=${BENCH_ITERS:-5}
 PREFIX=${CLUSTER_PREFIX:-rtps}
@@ -72,7 +75,9 @@ for n in $NS; do
         --json "$OUT/bench-n$n.json"
 done
 
-train=(train --model "$MODEL" --dataset "$DATASET" --batch-size "$BATCH_SIZE" --steps "$STEPS" --no-progress --threads 1)
+# shellcheck disable=SC2206
+train=(train --model "$MODEL" --dataset "$DATASET" --batch-size "$BATCH_SIZE" --steps "$STEPS" --no-progress --threads 1
+       $TRAIN_ARGS)
 for n in $NS; do
     run "ring-n$n" "$n" "${train[@]}" --backend ring --run-dir "$OUT/ring-n$n"
     if [ $((n + 1)) -le "$HOSTS" ]; then
