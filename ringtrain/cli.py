@@ -152,7 +152,7 @@ def add_bench_parser(sub):
         description="Train the same model once per backend in one MPI job, alternating blocks of steps between backends, and report samples/s, step-time split and ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; 'ring+nolog' runs ring without the HDF5 log (logging cost)")
+    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; a suffix picks a variant: 'ring+nolog' (no HDF5 log: logging cost), 'ring+nooverlap' (exchange after backward)")
     tr.add_argument("--model", default="resnet18")
     tr.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32))
     tr.add_argument("--batch-size", type=_positive_int, default=32)
