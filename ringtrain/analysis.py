@@ -72,7 +72,7 @@ def read_rank_file(path: str) -> tuple[dict, pd.DataFrame]:
                 if isinstance(d, h5py.Dataset) and d.ndim == 1:
                     d.refresh()
                     cols[name] = d[:]
-    except (OSError, KeyError) as e:
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
         raise RunError(f"{path}: cannot be read as an HDF5 step log ({str(e).splitlines()[0][:160]}); it may be half-written or not a ringtrain log") from None
     n = min((len(c) for c in cols.values()), default=0)  # a reader may catch a block mid-write
     df = pd.DataFrame({k: v[:n] for k, v in cols.items()})
