@@ -110,8 +110,12 @@ def _job(finished_jobs, name):
     return out, run_dir, job_id
 
 
-def _check_run_dir(run_dir, nranks, job_id):
-    for r in range(nranks):
+def _check_run_dir(run_dir, nranks, job_id, servers=0):
+    """Step logs of every worker; dedicated parameter servers (ranks 0..servers-1) write
+    server-SSSSS.h5 instead."""
+    for s in range(servers):
+        assert os.path.exists(os.path.join(run_dir, f"server-{s:05d}.h5")), f"missing server log {s}"
+    for r in range(servers, nranks):
         path = os.path.join(run_dir, f"rank-{r:05d}.h5")
         assert os.path.exists(path), f"missing {path}"
         with h5py.File(path, "r") as f:
@@ -125,7 +129,8 @@ def _check_run_dir(run_dir, nranks, job_id):
 @pytest.mark.parametrize("name", ["ring", "horovod", "ps"])
 def test_train_jobs(finished_jobs, name):
     out, run_dir, job_id = _job(finished_jobs, name)
-    _check_run_dir(run_dir, JOBS[name][1], job_id)
+    # train_ps.sbatch runs the ps backend's default: one dedicated server, rank 0.
+    _check_run_dir(run_dir, JOBS[name][1], job_id, servers=1 if name == "ps" else 0)
     assert os.path.exists(os.path.join(run_dir, "summary.json"))
 
 
