@@ -102,7 +102,10 @@ def save(ax, path, close=True):
 # ---- Figures of the notebooks in analysis/ ----------------------------------------------------
 
 COMM_ISSUED_COLOR = "#e8a0a2"
-SCHEME_STYLE = {"ring": ("#4c72b0", "o"), "mpi": ("#55a868", "s"), "ddp": ("#8172b2", "^"), "horovod": ("#937860", "D"), "none": ("#999999", "x")}
+SCHEME_STYLE = {
+    "ring": ("#4c72b0", "o"), "mpi": ("#55a868", "s"), "ddp": ("#8172b2", "^"), "horovod": ("#937860", "D"), "none": ("#999999", "x"),
+    "ps-sync": ("#c44e52", "v"), "ps-async": ("#dd8452", "<"), "ps-async-reply-first": ("#e0b040", ">"), "ps-hogwild": ("#da8bc3", "P"),
+}
 
 
 def _style(backend):
