@@ -615,7 +615,9 @@ def link_from_fit(fit_row) -> tuple[float, float]:
 def link_from_runs(runs) -> tuple[float, float]:
     """(hop latency, link bandwidth B/s) estimated from training runs when no benchmark is at
     hand: latency 0 and the median bus bandwidth that the all-reduce runs (N > 1) achieved
-    during training (gradient bytes / t_comm, times 2(N-1)/N). NaN bandwidth if none."""
+    during training (gradient bytes / t_comm, times 2(N-1)/N). t_comm includes waiting for
+    slower peers, so this understates the link: a benchmark gives the better model. NaN
+    bandwidth if no such run."""
     bws = []
     for r in runs:
         if r.workers > 1 and not is_parameter_server(r) and r.manifest.get("backend") != "none":
