@@ -13,13 +13,13 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import nbformat
 import pytest
 
+from conftest import mpi_env, mpirun_prefix
 from ringtrain import analysis
 from ringtrain.notebooks import NotebookError, execute_notebook, inject_parameters, main as notebooks_main
 
@@ -38,21 +38,12 @@ EXPECTED_FIGURES = {
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
-    env.update({
-        "OMP_NUM_THREADS": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        # More ranks than cores: yield instead of spinning while waiting for a peer.
-        "OMPI_MCA_mpi_yield_when_idle": "1",
-    })
-    return env
+    # More ranks than cores: yield the core instead of spinning while waiting for a peer.
+    return mpi_env(OMPI_MCA_mpi_yield_when_idle=1)
 
 
 def _mpirun(n):
-    mpirun = shutil.which("mpirun") or os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return [mpirun, "-n", str(n), "--oversubscribe", "--bind-to", "none", sys.executable, "-m", "ringtrain"]
+    return mpirun_prefix(n) + [sys.executable, "-m", "ringtrain"]
 
 
 def _training_specs():
