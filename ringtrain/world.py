@@ -111,7 +111,8 @@ class LaunchError(RuntimeError):
 
 def _mpi_library() -> str:
     try:
-        return _mpi().Get_library_version().split("\n")[0].strip().rstrip("\x00")[:60]
+        # "Open MPI v5.0.11, package: ..." / "MPICH Version: 4.2.0 ...": the name and version suffice.
+        return _mpi().Get_library_version().split("\n")[0].split(",")[0].strip().rstrip("\x00")[:60]
     except Exception:  # no MPI loaded: only the message suffers
         return "unknown"
 
