@@ -12,9 +12,9 @@ export OMP_NUM_THREADS=1
 T="python -m ringtrain train --no-progress --threads 1 --save-every 0"
 mkdir -p "$OUT"
 for r in $(seq 1 "$ROUNDS"); do
-  $MPI -n 4 $T --backend ring    --model mlp-wide --steps 30 --run-dir "$OUT/time-ring-$r"
-  $MPI -n 5 $T --backend ps-sync --model mlp-wide --steps 30 --run-dir "$OUT/time-ps-sync-dedicated-$r"
-  $MPI -n 4 $T --backend ps-sync --model mlp-wide --steps 30 --ps-servers 0 --ps-shards 4 --run-dir "$OUT/time-ps-sync-colocated4-$r"
+  $MPI -n 4 $T --backend ring    --model mlp-wide --epochs 3 --steps 30 --run-dir "$OUT/time-ring-$r"
+  $MPI -n 5 $T --backend ps-sync --model mlp-wide --epochs 3 --steps 30 --run-dir "$OUT/time-ps-sync-dedicated-$r"
+  $MPI -n 4 $T --backend ps-sync --model mlp-wide --epochs 3 --steps 30 --ps-servers 0 --ps-shards 4 --run-dir "$OUT/time-ps-sync-colocated4-$r"
 done
 python -m ringtrain report "$OUT"/time-* --json "$OUT/time.json"
 for b in ps-sync ps-async ps-async-reply-first ps-hogwild; do
@@ -22,11 +22,16 @@ for b in ps-sync ps-async ps-async-reply-first ps-hogwild; do
 done
 $MPI -n 4 $T --backend ring --model mlp --epochs 3 --lr 0.05 --run-dir "$OUT/acc-ring" --json "$OUT/acc-ring.json"
 python - "$OUT" <<'PY'
-import json, sys, glob, os
+import glob, json, os, sys
+
+import h5py
+import numpy as np
+
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "acc-*.json"))):
     s = json.load(open(f))
-    srv = os.path.join(f[:-5], "server-00000.json")
-    h = json.load(open(srv))["staleness_histogram"] if os.path.exists(srv) else {}
-    mean = sum(int(k) * v for k, v in h.items()) / max(1, sum(h.values()))
-    print(f"{os.path.basename(f)[4:-5]:<22} steps {s['steps']:>4}  loss {s['final_loss']:.4f}  held-out acc {100*s['test_accuracy']:.2f}%  mean staleness {mean:.2f}")
+    stale = [h5py.File(r, "r")["staleness"][:] if "staleness" in h5py.File(r, "r") else np.zeros(1)
+             for r in sorted(glob.glob(os.path.join(f[:-5], "rank-*.h5")))]
+    st = np.concatenate(stale)
+    print(f"{os.path.basename(f)[4:-5]:<22} steps {s['steps']:>4}  loss {s['final_loss']:.4f}  "
+          f"held-out acc {100*s['test_accuracy']:.2f}%  staleness mean {st.mean():.2f} max {st.max()}")
 PY

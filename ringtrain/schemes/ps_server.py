@@ -466,7 +466,7 @@ class ShardServer:
         self.updates += 1
         self.t_wait_total += t_wait
         self.t_apply_total += t_apply
-        self.t_lock_total += t_lock if self.mode != "reply-first" else 0.0
+        self.t_lock_total += t_lock
         nb = self.n * 4
         self.log.append(self.clock(), self.version, worker, grads, stale, depth, t_wait, t_apply, t_lock, grads * nb, max(replies, 1) * nb)
 
