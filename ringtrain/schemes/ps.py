@@ -157,6 +157,9 @@ class ParameterServer(Scheme):
             broadcast_module_state(model, self.wcomm)
             broadcast_optimizer_state(optimizer, self.wcomm)
             params = [p for p in model.parameters() if p.requires_grad]
+            if any(p.device.type != "cpu" for p in params):
+                raise NotImplementedError(f"rank {world.rank}: the parameter-server schemes exchange host (CPU) tensors; "
+                                          "run them with --device cpu, or use ring/mpi/ddp/horovod on GPUs")
             bad = sorted({str(p.dtype) for p in params} - {"torch.float32"})
             if bad:
                 raise TypeError(f"rank {world.rank}: the parameter-server schemes move float32 parameters; the model has {', '.join(bad)}")
