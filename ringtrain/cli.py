@@ -105,6 +105,7 @@ def add_train_parser(sub):
     g.add_argument("--ps-servers", type=_nonneg_int, default=1, help="parameter server (ps-sync: average N gradients, one optimizer step; ps-async: apply each push, then reply; ps-async-reply-first: reply at once, apply queued pushes under a lock; ps-hogwild: lock-free MPI_Accumulate into RMA windows): this many dedicated server ranks (ranks 0..K-1, one shard each); 0 = colocated, shards served from worker ranks' background threads")
     g.add_argument("--ps-shards", type=_nonneg_int, default=0, help="parameter shards, balanced by bytes (0: one per dedicated server, or 1 when colocated)")
     g.add_argument("--ps-timeout", type=_positive_float, default=600.0, help="seconds a worker waits for a parameter server before failing with the server's rank")
+    g.add_argument("--stage-through-host", action="store_true", help="pack gradients in a separate buffer and copy them to the host buffer that is reduced, as on GPUs (always on for CUDA models; this flag forces it on CPU to exercise that path)")
     g = t.add_argument_group("logs and snapshots")
     g.add_argument("--run-dir", default=None, help="where the HDF5 logs go (default runs/<time>-<backend>-n<N>)")
     g.add_argument("--no-log", action="store_true", help="write no step log (for measuring what logging costs)")
@@ -154,7 +155,7 @@ def add_bench_parser(sub):
         description="Train the same model once per backend in one MPI job, alternating blocks of steps between backends, and report samples/s, step-time split and ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; 'ring+nolog' runs ring without the HDF5 log (logging cost)")
+    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; a suffix picks a variant: 'ring+nolog' (no HDF5 log: logging cost), 'ring+nooverlap' (exchange after backward)")
     tr.add_argument("--model", default="resnet18")
     tr.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32))
     tr.add_argument("--batch-size", type=_positive_int, default=32)

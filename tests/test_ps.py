@@ -4,57 +4,29 @@ placements run, the server writes its own log, and nothing hangs when workers fi
 a server stalls, the user presses Ctrl-C, or (under ULFM) an async worker dies."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import h5py
-import numpy as np
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
+from conftest import ROOT, mpi_env, mpirun_prefix, ok, run_mpi
+from conftest import train as _train
+
 STEPS = 10
 COMMON = ["--model", "mlp", "--lr", "0.05", "--save-every", "0", "--threads", "1"]
-
-
-# ---- launching (the same shape as the shared helpers in conftest.py) --------------------
-
-
-def mpirun(n, extra=()):
-    exe = shutil.which("mpirun", path=BIN + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
-        pytest.skip("no mpirun")
-    cmd = [exe, "-n", str(n), "--oversubscribe", "--bind-to", "none", "--mca", "osc", "^ucx"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-run-as-root")
-    return cmd + list(extra)
-
-
-def env():
-    e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT + os.pathsep + e.get("PYTHONPATH", ""))
-    return e
-
-
-def run(n, args, timeout=180, extra=()):
-    cmd = mpirun(n, extra) + [sys.executable] + list(args)
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s (deadlock?)\n{e.stdout}\n{e.stderr}")
+QUIET = ("--mca", "osc", "^ucx")  # Open MPI's UCX one-sided component complains where there is no UCX
 
 
 def train(n, *args, timeout=180, extra=()):
-    return run(n, ["-m", "ringtrain", "train", "--no-progress", *args], timeout=timeout, extra=extra)
+    return _train(n, *args, timeout=timeout, extra=QUIET + tuple(extra))
 
 
-def ok(p):
-    assert p.returncode == 0, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
-    return p
+def run(n, args, timeout=180):
+    return run_mpi(n, args, timeout=timeout, extra=QUIET)
 
 
 def columns(path, *names):
@@ -171,8 +143,8 @@ def test_a_stalled_server_gives_an_error_naming_its_rank():
 
 
 def test_ctrl_c_ends_the_job():
-    cmd = mpirun(3) + [sys.executable, os.path.join("tests", "ps_job.py"), "ps-sync", "stall", "600"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT)
+    cmd = mpirun_prefix(3, QUIET) + [sys.executable, os.path.join("tests", "ps_job.py"), "ps-sync", "stall", "600"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mpi_env(), cwd=ROOT)
     time.sleep(20)  # start-up (imports torch on every rank); then the workers wait for the server
     proc.send_signal(signal.SIGINT)
     try:
