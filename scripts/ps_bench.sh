@@ -29,9 +29,12 @@ import numpy as np
 
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "acc-*.json"))):
     s = json.load(open(f))
-    stale = [h5py.File(r, "r")["staleness"][:] if "staleness" in h5py.File(r, "r") else np.zeros(1)
-             for r in sorted(glob.glob(os.path.join(f[:-5], "rank-*.h5")))]
-    st = np.concatenate(stale)
+    stale = []
+    for r in sorted(glob.glob(os.path.join(f[:-5], "rank-*.h5"))):
+        with h5py.File(r, "r") as h:
+            if "staleness" in h:
+                stale.append(h["staleness"][:])
+    st = np.concatenate(stale) if stale else np.zeros(1)
     print(f"{os.path.basename(f)[4:-5]:<22} steps {s['steps']:>4}  loss {s['final_loss']:.4f}  "
           f"held-out acc {100*s['test_accuracy']:.2f}%  staleness mean {st.mean():.2f} max {st.max()}")
 PY
