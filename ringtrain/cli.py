@@ -25,7 +25,166 @@ def build_parser() -> argparse.ArgumentParser:
         "communication timings logged to HDF5. Launch `train` and `bench` under mpirun/srun/horovodrun.",
     )
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    add_train_parser(sub)
+    add_bench_parser(sub)
+    add_report_parser(sub)
     return p
+
+
+def _positive_int(text):
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _nonneg_int(text):
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _positive_float(text):
+    v = float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _shape(text):
+    try:
+        dims = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes C,H,W, got {text!r}")
+    return dims
+
+
+def _run_train(args):
+    from ringtrain.train import run
+
+    return run(args)
+
+
+def add_train_parser(sub):
+    from ringtrain.models import MODELS
+    from ringtrain.schemes import scheme_names
+
+    t = sub.add_parser(
+        "train",
+        help="data-parallel training (run under mpirun/srun/horovodrun)",
+        description="Train a model data-parallel. Every rank writes RUN_DIR/rank-NNNNN.h5 (per-step timings); "
+        "rank 0 prints progress and a summary. Example: mpirun -n 2 python -m ringtrain train --backend ring",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = t.add_argument_group("what to train")
+    g.add_argument("--backend", default="ring", choices=scheme_names(), help="gradient-exchange scheme: ring (ours), mpi (MPI_Allreduce), ddp (torch DDP), none (no exchange: compute-only baseline), and any others installed")
+    g.add_argument("--model", default="cnn", choices=sorted(MODELS), help="model to train (mlp and mlp-wide are communication-heavy)")
+    g.add_argument("--dataset", default="digits", choices=("digits", "cifar10", "cinic10", "synthetic"), help="digits ships with the install; cifar10/cinic10 read --data-dir")
+    g.add_argument("--data-dir", default=None, help="directory of the cifar10 (python format) or cinic10 (folders) dataset")
+    g.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32), help="C,H,W of synthetic images")
+    g.add_argument("--synthetic-samples", type=_positive_int, default=2048, help="number of synthetic training images")
+    g = t.add_argument_group("how long and how")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="samples per rank per step (global batch = N x this)")
+    g.add_argument("--epochs", type=_positive_int, default=1, help="epochs to train")
+    g.add_argument("--steps", type=_positive_int, default=None, help="stop after this many steps in total, even mid-epoch")
+    g.add_argument("--lr", type=_positive_float, default=0.05, help="learning rate (not scaled by N: pass what the global batch needs)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "adam"))
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0, help="seeds the model init, the shuffling and dropout")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present, GPU = local rank")
+    g.add_argument("--threads", type=_nonneg_int, default=0, help="torch threads per rank (0: cores / ranks on the node)")
+    g = t.add_argument_group("gradient exchange")
+    g.add_argument("--bucket-cap-mb", type=_positive_float, default=4.0, help="bucket size for fused all-reduces, like DDP's bucket_cap_mb")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false", help="exchange after backward instead of during it (clean measurement)")
+    g.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk size in bytes")
+    g.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="agree on every all-reduce's size/dtype/order first (catches mismatches instead of hanging; measures arrival skew)")
+    g = t.add_argument_group("logs and snapshots")
+    g.add_argument("--run-dir", default=None, help="where the HDF5 logs go (default runs/<time>-<backend>-n<N>)")
+    g.add_argument("--no-log", action="store_true", help="write no step log (for measuring what logging costs)")
+    g.add_argument("--log-flush-every", type=_positive_int, default=10, help="steps between HDF5 flushes (a kill -9 loses at most this many)")
+    g.add_argument("--snapshot", default=None, help="snapshot file written by rank 0 (atomically)")
+    g.add_argument("--save-every", type=_nonneg_int, default=1, help="epochs between snapshots (0: only at the end)")
+    g.add_argument("--save-every-steps", type=_nonneg_int, default=0, help="also snapshot every this many steps")
+    g.add_argument("--resume", action="store_true", help="continue from --snapshot; logs go to a new segment of --run-dir")
+    g.add_argument("--json", default=None, help="write the end-of-run summary as JSON here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    g = t.add_argument_group("faults")
+    g.add_argument("--nonfinite", default="stop", choices=("stop", "skip", "off"), help="on NaN/Inf gradients: stop with an error naming rank and step, skip the update, or do not check")
+    g.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank fails ...")
+    g.add_argument("--fail-step", type=int, default=-1, help="... at the start of this step")
+    g.add_argument("--fail-mode", default="exit", choices=("exit", "kill", "raise"), help="how the injected failure happens")
+    t.set_defaults(func=_run_train)
+
+
+def _run_bench(args):
+    from ringtrain.bench import run
+
+    return run(args)
+
+
+def add_bench_parser(sub):
+    b = sub.add_parser("bench", help="benchmarks (run under mpirun)", description="Benchmarks. Compare schemes inside one run: they alternate, the slowest rank counts, medians are reported.")
+    bsub = b.add_subparsers(title="benchmarks", metavar="BENCH")
+    a = bsub.add_parser(
+        "allreduce",
+        help="all-reduce bandwidth per backend and size (nccl-tests style)",
+        description="Sweep message sizes over all-reduce backends, alternating them within each size; print an nccl-tests-style table on rank 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a.add_argument("--backends", default="ring,mpi,gloo", help="comma list of: ring, mpi, gloo, horovod")
+    a.add_argument("--sizes", default="64K,256K,1M,4M,16M", help="comma list of message sizes in bytes (K, M, G suffixes)")
+    a.add_argument("--dtype", default="float32", choices=("float32", "float64", "float16", "bfloat16"))
+    a.add_argument("--iters", type=_positive_int, default=20, help="timed iterations per backend and size")
+    a.add_argument("--warmup", type=_nonneg_int, default=3, help="untimed iterations first")
+    a.add_argument("--op", default="sum", choices=("sum", "average"))
+    a.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk")
+    a.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="the ring's per-call agreement on sizes (on by default, as in training)")
+    a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong)")
+    a.set_defaults(func=_run_bench, bench="allreduce")
+    tr = bsub.add_parser(
+        "train",
+        help="training throughput per backend, alternating in one run",
+        description="Train the same model once per backend in one MPI job, alternating blocks of steps between backends, and report samples/s, step-time split and ratios.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; 'ring+nolog' runs ring without the HDF5 log (logging cost)")
+    tr.add_argument("--model", default="resnet18")
+    tr.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32))
+    tr.add_argument("--batch-size", type=_positive_int, default=32)
+    tr.add_argument("--rounds", type=_positive_int, default=5, help="alternation rounds")
+    tr.add_argument("--steps-per-round", type=_positive_int, default=5)
+    tr.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed steps per backend first")
+    tr.add_argument("--bucket-cap-mb", type=_positive_float, default=4.0)
+    tr.add_argument("--no-overlap", dest="overlap", action="store_false")
+    tr.add_argument("--threads", type=_nonneg_int, default=0)
+    tr.add_argument("--run-dir", default=None, help="also write each backend's step log here (one sub-directory each)")
+    tr.add_argument("--json", default=None)
+    tr.set_defaults(func=_run_bench, bench="train")
+    b.set_defaults(func=lambda a: b.print_help() or 2)
+
+
+def _run_report(args):
+    from ringtrain.report import run
+
+    return run(args)
+
+
+def add_report_parser(sub):
+    r = sub.add_parser(
+        "report",
+        help="summarise and compare run directories",
+        description="Read the HDF5 step logs of one or more runs: step-time breakdown, throughput, communication, "
+        "bytes vs the cost model, bus bandwidth, slowest rank; a comparison table and scaling efficiency across runs.",
+    )
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--json", default=None, help="write everything as JSON here")
+    r.add_argument("--plot", default=None, metavar="DIR", help="write PNG figures into DIR")
+    r.add_argument("--skip", type=_nonneg_int, default=2, help="leading steps to leave out (warm-up)")
+    r.set_defaults(func=_run_report)
 
 
 if __name__ == "__main__":
