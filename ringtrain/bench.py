@@ -1,0 +1,296 @@
+"""`ringtrain bench allreduce` and `ringtrain bench train`.
+
+How the numbers are made (machines here are shared and noisy, DESIGN §6):
+  - backends alternate inside one run: every iteration runs each backend once, in an order
+    that rotates, so a burst of noise hits all of them alike;
+  - an iteration's time is the slowest rank's (a collective is done when its last rank is);
+  - the reported time is the median over iterations;
+  - algbw = S / t and busbw = algbw * 2(N-1)/N, as nccl-tests define them for all-reduce;
+  - every result is checked against the closed form; '#wrong' counts bad elements.
+
+    mpirun -n 2 python -m ringtrain bench allreduce --backends ring,mpi,gloo --sizes 64K,1M,16M
+    mpirun -n 2 python -m ringtrain bench train --backends ring,mpi,ddp --model resnet18
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if not num or unit not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}: use bytes with an optional K, M or G suffix, e.g. 64K,1M,16M")
+    return int(float(num) * _UNITS[unit])
+
+
+# ---------------------------------------------------------------------------- all-reduce
+
+
+class _Backend:
+    """One all-reduce implementation under test: op(tensor) reduces in place (sum or average)."""
+
+    def __init__(self, name, op, close=lambda: None):
+        self.name, self.op, self.close = name, op, close
+
+
+def _make_backends(names, world, args):
+    from mpi4py import MPI
+
+    from ringtrain.ring import Ring
+
+    made = []
+    for name in names:
+        if name == "ring":
+            ring = Ring(world.comm, chunk_bytes=args.chunk_bytes, check=args.check)
+            made.append(_Backend("ring", lambda t, ring=ring: ring.allreduce_(t, op=args.op), ring.close))
+        elif name == "mpi":
+            from ringtrain.schemes.mpi import mpi_allreduce_average_
+
+            comm = world.comm.Dup()
+
+            def mpi_op(t, comm=comm):
+                if args.op == "average":
+                    mpi_allreduce_average_(comm, t, check=False)
+                elif t.dtype in (torch.float32, torch.float64):
+                    comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
+                else:
+                    wide = t.float()
+                    comm.Allreduce(MPI.IN_PLACE, wide.numpy(), op=MPI.SUM)
+                    t.copy_(wide)
+
+            made.append(_Backend("mpi", mpi_op, comm.Free))
+        elif name == "gloo":
+            import torch.distributed as dist
+
+            from ringtrain.world import init_torch_distributed
+
+            init_torch_distributed(world, "gloo")
+
+            def gloo_op(t):
+                dist.all_reduce(t)
+                if args.op == "average":
+                    t.div_(world.size)
+
+            made.append(_Backend("gloo", gloo_op))
+        elif name == "horovod":
+            made.append(horovod_backend(world, args))
+        else:
+            raise ValueError(f"unknown all-reduce backend {name!r}; choose from ring, mpi, gloo, horovod")
+    return made
+
+
+def horovod_backend(world, args) -> _Backend:
+    """Horovod's allreduce_ (MPI or Gloo controller, whichever it was started with)."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as e:
+        raise RuntimeError(f"backend horovod: horovod is not importable ({e}); install it with scripts/install_horovod.sh") from None
+    hvd.init()
+    op = hvd.Average if args.op == "average" else hvd.Sum
+    return _Backend("horovod", lambda t: hvd.allreduce_(t, op=op, name="bench"), hvd.shutdown)
+
+
+def _pattern(count, dtype, rank):
+    # Small integers: every partial sum is exact in every dtype, so results can be compared exactly.
+    base = (torch.arange(count, dtype=torch.int64) % 3 + 1).to(dtype)
+    return base * (rank + 1), base
+
+
+def bench_allreduce(args) -> list[dict]:
+    from mpi4py import MPI
+
+    from ringtrain.world import World, install_abort_on_error
+
+    install_abort_on_error()
+    world = World.init(align_clocks=False)
+    torch.set_num_threads(1)
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    dtype = getattr(torch, args.dtype)
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    backends = _make_backends(names, world, args)
+    n = world.size
+    rows = []
+    if world.rank == 0:
+        print(f"# ringtrain bench allreduce: {n} ranks, op {args.op}, dtype {args.dtype}, {args.iters} iterations (median of the slowest rank), backends alternate")
+        print(f"# {'size':>10} {'count':>12} {'type':>9} {'backend':>8} {'time':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>7}")
+        print(f"# {'(B)':>10} {'(elements)':>12} {'':>9} {'':>8} {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8} {'':>7}")
+    for size in sizes:
+        count = max(1, size // itemsize)
+        src, base = _pattern(count, dtype, world.rank)
+        total = n * (n + 1) / 2
+        expect = (base.double() * total / (n if args.op == "average" else 1)).to(dtype)
+        bufs = {b.name: torch.empty(count, dtype=dtype) for b in backends}
+        times = {b.name: np.zeros(args.iters) for b in backends}
+        wrong = {b.name: 0 for b in backends}
+        for it in range(args.warmup + args.iters):
+            shift = it % len(backends)
+            for b in backends[shift:] + backends[:shift]:
+                buf = bufs[b.name]
+                buf.copy_(src)
+                world.comm.Barrier()
+                t0 = time.perf_counter()
+                b.op(buf)
+                dt = time.perf_counter() - t0
+                if it >= args.warmup:
+                    times[b.name][it - args.warmup] = dt
+                    wrong[b.name] += int((buf != expect).sum()) if args.op == "sum" else int((~torch.isclose(buf.double(), expect.double(), rtol=1e-2)).sum())
+        for b in backends:
+            slowest = np.empty_like(times[b.name])
+            world.comm.Allreduce(times[b.name], slowest, op=MPI.MAX)
+            w = np.array([wrong[b.name]], dtype=np.int64)
+            wsum = np.empty_like(w)
+            world.comm.Allreduce(w, wsum, op=MPI.SUM)
+            t = float(np.median(slowest))
+            nbytes = count * itemsize
+            algbw = nbytes / t / 1e9
+            row = {
+                "backend": b.name, "nranks": n, "size_bytes": nbytes, "count": count, "dtype": args.dtype, "op": args.op,
+                "time_s": t, "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n if n > 1 else algbw,
+                "wrong": int(wsum[0]), "iters": args.iters,
+            }
+            rows.append(row)
+            if world.rank == 0:
+                print(f"  {nbytes:>10} {count:>12} {args.dtype:>9} {b.name:>8} {t * 1e6:>10.1f} {row['algbw_GBps']:>8.3f} {row['busbw_GBps']:>8.3f} {row['wrong']:>7}", flush=True)
+    if world.rank == 0:
+        _print_ratios(rows, names)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+            print(f"# rows written to {args.json}")
+    for b in backends:
+        b.close()
+    return rows
+
+
+def _print_ratios(rows, names):
+    if "ring" not in names or len(names) < 2:
+        return
+    print("# busbw of ring relative to each other backend, same run (>1: ring is faster)")
+    by = {(r["backend"], r["size_bytes"]): r for r in rows}
+    for size in sorted({r["size_bytes"] for r in rows}):
+        parts = []
+        for other in names:
+            if other != "ring" and (other, size) in by:
+                parts.append(f"ring/{other} {by[('ring', size)]['busbw_GBps'] / by[(other, size)]['busbw_GBps']:.2f}")
+        print(f"  {size:>10}  " + "  ".join(parts))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def bench_train(args) -> dict:
+    """Train one model copy per backend in the same job, alternating blocks of steps."""
+    from ringtrain.data import ShardedLoader, make_synthetic
+    from ringtrain.models import build_model
+    from ringtrain.schemes import make_scheme
+    from ringtrain.steplog import NullLog, StepLog, rank_file
+    from ringtrain.trainer import Trainer, TrainConfig
+    from ringtrain.world import World, install_abort_on_error
+
+    install_abort_on_error()
+    world = World.init()
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // max(1, world.local_size)))
+    names = [b.strip() for b in args.backends.split(",") if b.strip()]
+    data = make_synthetic(tuple(args.synthetic_shape), samples=args.batch_size * world.size * 8, seed=0)
+    trainers = {}
+    for name in names:
+        scheme_name, _, variant = name.partition("+")
+        torch.manual_seed(0)
+        model = build_model(args.model, data.shape, data.classes)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap}
+        scheme = make_scheme(scheme_name, world, config)
+        loader = ShardedLoader(data.x_train, data.y_train, args.batch_size, scheme.worker_rank, scheme.num_workers, seed=0)
+        cfg = TrainConfig(batch_size=args.batch_size, progress=False, nonfinite="off", warmup_steps=0)
+        tr = Trainer(model, opt, torch.nn.CrossEntropyLoss(), scheme, loader, None, NullLog(), cfg, clock=world.now)
+        if variant != "nolog":
+            run_dir = os.path.join(args.run_dir, name) if args.run_dir else None
+            if run_dir is None:
+                import tempfile
+
+                run_dir = tempfile.mkdtemp(prefix=f"ringtrain-bench-{name}-")
+            os.makedirs(run_dir, exist_ok=True)
+            manifest = {"backend": scheme_name, "rank": world.rank, "world_size": world.size, "model": args.model, "batch_size": args.batch_size,
+                        "grad_bytes": scheme.grad_bytes if hasattr(scheme, "grad_bytes") else 0, "dataset": "synthetic", "num_workers": scheme.num_workers,
+                        "expected_bytes_per_step": list(scheme.expected_bytes_per_step(sum(p.numel() * 4 for p in model.parameters())))}
+            tr.log = StepLog(rank_file(run_dir, world.rank), manifest, scheme.extra_columns())
+        trainers[name] = (tr, iter(()))
+    def next_batch(name):
+        tr, it = trainers[name]
+        try:
+            return next(it)
+        except StopIteration:
+            it = iter(tr.loader)
+            trainers[name] = (tr, it)
+            return next(it)
+
+    for name in names:  # warm-up, untimed
+        tr = trainers[name][0]
+        for _ in range(args.warmup):
+            x, y = next_batch(name)
+            tr._run_batch(x, y, 0, world.now(), 0.0)
+        tr.rows.clear()
+    for rnd in range(args.rounds):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            tr = trainers[name][0]
+            world.barrier()
+            for _ in range(args.steps_per_round):
+                t0 = time.perf_counter()
+                x, y = next_batch(name)
+                tr._run_batch(x, y, 0, world.now(), time.perf_counter() - t0)
+    results = {}
+    for name in names:
+        tr = trainers[name][0]
+        rows = tr.rows
+        t_step = np.array([r["t_step"] for r in rows])
+        slowest = np.empty_like(t_step)
+        from mpi4py import MPI
+
+        world.comm.Allreduce(t_step, slowest, op=MPI.MAX)
+        phases = {}
+        for k in ("t_forward", "t_backward", "t_comm", "t_comm_exposed", "t_optimizer"):
+            v = np.array([float(np.median([r[k] for r in rows]))])
+            world.comm.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
+            phases[k] = float(v[0] / world.size)
+        samples = args.batch_size * tr.scheme.num_workers * len(rows)
+        results[name] = {
+            "median_step_s": float(np.median(slowest)),
+            "samples_per_s": samples / float(np.sum(slowest)),
+            "samples_per_s_median": args.batch_size * tr.scheme.num_workers / float(np.median(slowest)),
+            "steps": len(rows),
+            **{f"median_{k}": v for k, v in phases.items()},
+        }
+        tr.log.close()
+        tr.scheme.close()
+    if world.rank == 0:
+        print(f"# ringtrain bench train: {args.model}, batch {args.batch_size}/rank, {world.size} ranks, {args.rounds} rounds x {args.steps_per_round} steps, backends alternate; slowest rank per step")
+        print(f"  {'backend':<12}{'step ms':>9}{'samples/s':>11}{'fwd':>8}{'bwd':>8}{'comm':>8}{'exposed':>9}{'opt':>7}")
+        for name, r in results.items():
+            print(f"  {name:<12}{1e3 * r['median_step_s']:>9.2f}{r['samples_per_s_median']:>11.1f}{1e3 * r['median_t_forward']:>8.2f}{1e3 * r['median_t_backward']:>8.2f}"
+                  f"{1e3 * r['median_t_comm']:>8.2f}{1e3 * r['median_t_comm_exposed']:>9.2f}{1e3 * r['median_t_optimizer']:>7.2f}")
+        first = names[0]
+        for name in names[1:]:
+            print(f"  samples/s {first} / {name}: {results[first]['samples_per_s_median'] / results[name]['samples_per_s_median']:.3f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "nranks": world.size, "results": results}, f, indent=2, default=str)
+    return results
+
+
+def run(args) -> int:
+    if args.bench == "allreduce":
+        bench_allreduce(args)
+    elif args.bench == "train":
+        bench_train(args)
+    return 0

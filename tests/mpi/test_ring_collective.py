@@ -1,0 +1,135 @@
+"""The ring all-reduce, checked against MPI_Allreduce and closed forms.
+
+Runs inside an MPI job: every rank executes every test (launched by tests/test_ring.py under
+mpirun -n 1, 2, 3, 4, and here also on COMM_SELF). Sizes are the awkward ones: 0, 1, N-1,
+N+1, primes, and more than one pipeline chunk.
+"""
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from ringtrain.ring import Ring, RingMismatchError
+
+WORLD = MPI.COMM_WORLD
+N = WORLD.Get_size()
+R = WORLD.Get_rank()
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def sizes(n):
+    return sorted({0, 1, 2, max(0, n - 1), n, n + 1, 7, 13, 97, 1009, 4099})
+
+
+@pytest.fixture(scope="module", params=["world", "self"])
+def ring(request):
+    comm = WORLD if request.param == "world" else MPI.COMM_SELF
+    # A tiny chunk so that even small sizes go through the multi-chunk pipeline.
+    r = Ring(comm, chunk_bytes=64)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["sum", "average"])
+def test_identical_inputs_give_closed_form(ring, dtype, op):
+    n = ring.size
+    for count in sizes(n):
+        g = torch.Generator().manual_seed(count)  # the same on every rank
+        # Small integers: every partial sum is exact in every dtype, so the check is exact.
+        x = torch.randint(-8, 9, (count,), generator=g).to(dtype)
+        t = x.clone()
+        ring.allreduce_(t, op=op)
+        expect = x * n if op == "sum" else x
+        assert torch.equal(t, expect), f"count {count}: {t[:5]} != {expect[:5]}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["sum", "average"])
+def test_matches_mpi_allreduce(ring, dtype, op):
+    comm, n = ring.comm, ring.size
+    for count in sizes(n):
+        g = torch.Generator().manual_seed(1000 * ring.rank + count)  # different on every rank
+        x = torch.randn(count, generator=g).to(dtype)
+        ref = x.double().numpy().copy()
+        comm.Allreduce(MPI.IN_PLACE, ref, op=MPI.SUM)
+        if op == "average":
+            ref /= n
+        t = x.clone()
+        ring.allreduce_(t, op=op)
+        np.testing.assert_allclose(t.double().numpy(), ref, rtol=TOL[dtype] * n, atol=TOL[dtype] * n, err_msg=f"count {count}")
+
+
+def test_numpy_arrays_float32_float64(ring):
+    for dt in (np.float32, np.float64):
+        x = np.arange(1009, dtype=dt) * (ring.rank + 1)
+        ring.allreduce_(x, op="sum")
+        np.testing.assert_array_equal(x, np.arange(1009, dtype=dt) * ring.size * (ring.size + 1) / 2)
+
+
+def test_in_place_on_torch_tensor_without_copy(ring):
+    t = torch.ones(1000)
+    ptr = t.data_ptr()
+    out = ring.allreduce_(t, op="sum")
+    assert out is t and t.data_ptr() == ptr
+    assert torch.all(t == ring.size)
+
+
+def test_refuses_what_it_cannot_reduce_in_place(ring):
+    with pytest.raises(TypeError, match="contiguous"):
+        ring.allreduce_(torch.ones(4, 4).t())
+    with pytest.raises(TypeError, match="supports"):
+        ring.allreduce_(torch.ones(4, dtype=torch.int32))
+
+
+def test_counts_exact_bytes(ring):
+    n = ring.size
+    for count in (0, 1, n + 1, 4099):
+        t = torch.ones(count)
+        ring.allreduce_(t, op="sum")
+        sent, recv = ring.last.bytes_sent, ring.last.bytes_recv
+        both = np.array([sent, recv], dtype=np.int64)
+        ring.comm.Allreduce(MPI.IN_PLACE, both, op=MPI.SUM)
+        S = count * 4
+        # Across ranks exactly 2(N-1)·S each way; per rank 2(N-1)/N·S up to segment rounding.
+        assert both[0] == both[1] == 2 * (n - 1) * S
+        if n > 1 and count >= n:
+            assert abs(sent - 2 * (n - 1) / n * S) <= 2 * (n - 1) * 4
+        if n == 1:
+            assert sent == recv == 0
+
+
+def test_async_handles_overlap_and_complete_in_order(ring):
+    bufs = [torch.full((k,), float(ring.rank + 1)) for k in (5, 1009, 3)]
+    handles = [ring.allreduce_async_(b, op="sum", name=f"t{i}") for i, b in enumerate(bufs)]
+    busy = sum(i * i for i in range(20000))  # the caller keeps working meanwhile
+    for h, b in zip(handles, bufs):
+        assert ring.synchronize(h) is b
+        assert torch.all(b == ring.size * (ring.size + 1) / 2)
+    assert busy > 0
+
+
+def test_mismatched_lengths_raise_on_every_rank_naming_ranks(ring):
+    if ring.size == 1:
+        pytest.skip("a mismatch needs two ranks")
+    count = 10 + (1 if ring.rank == ring.size - 1 else 0)
+    with pytest.raises(RingMismatchError) as e:
+        ring.allreduce_(torch.ones(count))
+    msg = str(e.value)
+    assert "element counts" in msg and f"rank {ring.size - 1}: 11" in msg and "rank 0: 10" in msg
+    # The check runs before any data moves, so the ring is still usable afterwards.
+    t = torch.ones(10)
+    ring.allreduce_(t, op="sum")
+    assert torch.all(t == ring.size)
+
+
+def test_mismatched_dtypes_and_order_raise(ring):
+    if ring.size == 1:
+        pytest.skip("a mismatch needs two ranks")
+    dt = torch.float64 if ring.rank == 0 else torch.float32
+    with pytest.raises(RingMismatchError, match="dtypes"):
+        ring.allreduce_(torch.ones(8, dtype=dt))
+    name = "weights" if ring.rank == 0 else "bias"
+    with pytest.raises(RingMismatchError, match="tensor names"):
+        ring.allreduce_(torch.ones(8), name=name)

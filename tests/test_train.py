@@ -1,0 +1,134 @@
+"""`ringtrain train` under a real mpirun: sync equivalence, identical results across schemes,
+exact resume, and clear errors for bad input."""
+import os
+
+import pytest
+import torch
+
+from conftest import ok, train
+
+STEPS = "12"
+
+
+def params(path):
+    snap = torch.load(path, weights_only=True)
+    return snap["MODEL_STATE"]
+
+
+def max_rel_diff(a, b):
+    worst = 0.0
+    for k in a:
+        d = (a[k].double() - b[k].double()).abs().max().item()
+        scale = max(1e-3, a[k].double().abs().max().item())
+        worst = max(worst, d / scale)
+    return worst
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_n_ranks_of_batch_b_equal_one_process_of_batch_nb(tmp_path, n):
+    # mlp: no dropout and no BatchNorm, so the only difference left is float round-off.
+    # 1500 training digits divide evenly by 2 and 3, so no padding sample is repeated.
+    common = ["--model", "mlp", "--steps", STEPS, "--lr", "0.1", "--save-every", "0"]
+    ok(train(1, *common, "--batch-size", str(8 * n), "--snapshot", str(tmp_path / "one.pt"), "--run-dir", str(tmp_path / "one")))
+    ok(train(n, *common, "--batch-size", "8", "--snapshot", str(tmp_path / "many.pt"), "--run-dir", str(tmp_path / "many")))
+    assert max_rel_diff(params(tmp_path / "one.pt"), params(tmp_path / "many.pt")) < 1e-5
+
+
+def test_ring_mpi_ddp_end_with_the_same_parameters(tmp_path):
+    finals = {}
+    for backend in ("ring", "mpi", "ddp"):
+        snap = tmp_path / f"{backend}.pt"
+        ok(train(2, "--backend", backend, "--model", "cnn", "--steps", STEPS, "--save-every", "0",
+                 "--snapshot", str(snap), "--run-dir", str(tmp_path / backend)))
+        finals[backend] = params(snap)
+    assert max_rel_diff(finals["ring"], finals["mpi"]) < 1e-5
+    assert max_rel_diff(finals["ring"], finals["ddp"]) < 1e-5
+
+
+def test_no_overlap_gives_the_same_parameters_as_overlap(tmp_path):
+    for mode in ("overlap", "no-overlap"):
+        flags = ["--no-overlap"] if mode == "no-overlap" else []
+        ok(train(2, "--model", "mlp", "--steps", "8", "--save-every", "0", "--bucket-cap-mb", "0.05", *flags,
+                 "--snapshot", str(tmp_path / f"{mode}.pt"), "--run-dir", str(tmp_path / mode)))
+    a, b = params(tmp_path / "overlap.pt"), params(tmp_path / "no-overlap.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):
+    # cnn has dropout: the per-step reseeding must replay the same masks after resume.
+    common = ["--model", "cnn", "--batch-size", "16", "--epochs", "2", "--save-every", "0"]
+    ok(train(2, *common, "--snapshot", str(tmp_path / "full.pt"), "--run-dir", str(tmp_path / "full")))
+    # Interrupted mid-epoch (step 30 of 2 x 47), then resumed into the same run directory.
+    ok(train(2, *common, "--steps", "30", "--snapshot", str(tmp_path / "part.pt"), "--run-dir", str(tmp_path / "part")))
+    proc = ok(train(2, *common, "--resume", "--snapshot", str(tmp_path / "part.pt"), "--run-dir", str(tmp_path / "part")))
+    assert "Resuming training from snapshot" in proc.stdout
+    a, b = params(tmp_path / "full.pt"), params(tmp_path / "part.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed parameters differ from the uninterrupted run"
+    # The resumed run added a segment and left the first one alone.
+    assert os.path.exists(tmp_path / "part" / "rank-00000.h5")
+    assert os.path.exists(tmp_path / "part" / "rank-00000.seg-001.h5")
+
+
+def test_snapshot_lines_and_summary_are_printed(tmp_path):
+    proc = ok(train(2, "--epochs", "2", "--snapshot", str(tmp_path / "s.pt"), "--run-dir", str(tmp_path / "r")))
+    out = proc.stdout
+    assert "[RANK0] Epoch 1 | Batchsize: 32 | Steps: 24" in out
+    assert f"Epoch 1 | Training snapshot saved at {tmp_path / 's.pt'}" in out
+    assert "Img/sec per rank" in out and "Total img/sec on 2 rank(s)" in out and "held-out accuracy" in out
+    assert out.count("Summary:") == 1  # rank 0 alone prints
+
+
+def test_digits_trains_to_high_accuracy(tmp_path):
+    proc = ok(train(2, "--epochs", "4", "--lr", "0.1", "--json", str(tmp_path / "s.json"), "--run-dir", str(tmp_path / "r")))
+    import json
+
+    s = json.load(open(tmp_path / "s.json"))
+    assert s["test_accuracy"] > 0.85, proc.stdout
+
+
+# ---- bad input: a clear message, a non-zero exit, no hang ---------------------------------
+
+
+def fails_with(proc, *needles):
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    text = proc.stdout + proc.stderr
+    for n in needles:
+        assert n in text, f"expected {n!r} in:\n{text[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_missing_dataset_directory(tmp_path):
+    fails_with(train(2, "--dataset", "cifar10", "--data-dir", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r"), timeout=60),
+               "does not exist", "rank 0")
+
+
+def test_malformed_dataset_directory(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "data_batch_1").write_bytes(b"garbage")
+    fails_with(train(2, "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "r"), timeout=60),
+               "not a CIFAR-10 python-format directory")
+
+
+def test_unknown_model(tmp_path):
+    fails_with(train(2, "--model", "vgg99", timeout=60), "invalid choice: 'vgg99'")
+
+
+def test_batch_larger_than_shard(tmp_path):
+    fails_with(train(2, "--batch-size", "1000", "--run-dir", str(tmp_path / "r"), timeout=60), "larger than each rank's shard of 750")
+
+
+def test_corrupt_snapshot(tmp_path):
+    (tmp_path / "s.pt").write_bytes(b"\x00not a snapshot")
+    fails_with(train(2, "--resume", "--snapshot", str(tmp_path / "s.pt"), "--run-dir", str(tmp_path / "r"), timeout=60),
+               "is corrupt or not a ringtrain snapshot", "rank 0")
+
+
+def test_snapshot_of_another_model(tmp_path):
+    ok(train(2, "--model", "mlp", "--steps", "2", "--snapshot", str(tmp_path / "s.pt"), "--run-dir", str(tmp_path / "a")))
+    fails_with(train(2, "--model", "cnn", "--resume", "--snapshot", str(tmp_path / "s.pt"), "--run-dir", str(tmp_path / "b"), timeout=60),
+               "is of model 'mlp'", "--model mlp")
+
+
+def test_out_of_range_options():
+    fails_with(train(1, "--batch-size", "0", timeout=60), "must be a positive integer")
+    fails_with(train(1, "--lr", "-1", timeout=60), "must be > 0")
