@@ -23,8 +23,8 @@ import torch.nn.functional as F
 import ringtrain.horovod as hvd  # drop-in for: import horovod.torch as hvd
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-parser.add_argument("--model", default="convnet", help="convnet (small, default), resnet18, resnet50, alexnet "
-                    "(the latter three from ringtrain.models)")
+parser.add_argument("--model", default="convnet", help="convnet (small, the default), or any model of "
+                    "ringtrain.models: resnet18, resnet50, alexnet, cnn, mlp")
 parser.add_argument("--batch-size", type=int, default=32, help="per rank")
 parser.add_argument("--image-size", type=int, default=32)
 parser.add_argument("--num-classes", type=int, default=10)
@@ -57,9 +57,9 @@ class ConvNet(nn.Module):
 def make_model(name, num_classes):
     if name == "convnet":
         return ConvNet(num_classes)
-    from ringtrain import models
+    from ringtrain.models import build_model
 
-    return models.build(name, num_classes=num_classes)
+    return build_model(name, (3, args.image_size, args.image_size), num_classes)
 
 
 def log(s):
