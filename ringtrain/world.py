@@ -59,7 +59,8 @@ def detect_launcher() -> LaunchInfo:
         launcher = "horovodrun"
         rank, size, local = _int_env("HOROVOD_RANK"), _int_env("HOROVOD_SIZE"), _int_env("HOROVOD_LOCAL_RANK")
     elif "OMPI_COMM_WORLD_RANK" in env:
-        launcher = "horovodrun" if "HOROVOD_CYCLE_TIME" in env or "HOROVOD_STALL_CHECK_TIME_SECONDS" in env else "mpirun"
+        by_horovodrun = "HOROVOD_CYCLE_TIME" in env or "HOROVOD_STALL_CHECK_TIME_SECONDS" in env or _started_by_horovodrun()
+        launcher = "horovodrun" if by_horovodrun else "mpirun"
         rank, size = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
         local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK")
     elif "PMI_RANK" in env or "PMIX_RANK" in env:
@@ -75,6 +76,28 @@ def detect_launcher() -> LaunchInfo:
     else:
         launcher, rank, size, local = "singleton", None, None, None
     return LaunchInfo(launcher, rank, size, local, slurm_job, slurm_ntasks)
+
+
+def _started_by_horovodrun(levels: int = 6) -> bool:
+    """Whether horovodrun started this process. Its MPI controller sets no HOROVOD_* variable:
+    it replaces itself (exec) with `/bin/sh -c "mpirun ... -mca btl_tcp_if_include NICS
+    -x NCCL_SOCKET_IFNAME=NICS ..."`, so that shell among our ancestors is the sign."""
+    try:
+        import psutil
+
+        p = psutil.Process().parent()
+        for _ in range(levels):
+            if p is None:
+                return False
+            cmd = p.cmdline()
+            if any(os.path.basename(a) == "horovodrun" for a in cmd[:4]):
+                return True
+            if len(cmd) >= 3 and cmd[1] == "-c" and cmd[2].startswith("mpirun ") and "-x NCCL_SOCKET_IFNAME=" in cmd[2]:
+                return True
+            p = p.parent()
+    except Exception:  # no psutil, or a parent we may not inspect
+        return False
+    return False
 
 
 class LaunchError(RuntimeError):
