@@ -58,8 +58,10 @@ def test_same_script_same_parameters_with_horovod_and_ringtrain(tmp_path):
     ok(run_mpi(3, ["examples/horovod_digits.py", *DIGITS, str(tmp_path / "real.pt")], env=mpi_env(RINGTRAIN_HOROVOD="real")))
     ok(run_mpi(3, [str(copy), *DIGITS, str(tmp_path / "import.pt")], env=mpi_env(RINGTRAIN_HOROVOD="")))
     ring, real, imported = (params(tmp_path / f"{k}.pt") for k in ("ring", "real", "import"))
-    assert max_rel_diff(real, imported) == 0.0  # the same library both ways
-    assert max_rel_diff(ring, real) < 1e-5  # float32 round-off: sums in another order
+    # Float32 round-off only. Even two Horovod runs differ in the last bits: how its tensor
+    # fusion groups gradients depends on timing, and with it the order of the sums.
+    assert max_rel_diff(real, imported) < 1e-5
+    assert max_rel_diff(ring, real) < 1e-5
 
 
 def test_horovodrun_mpi_and_gloo_controllers_run_the_example(tmp_path):
