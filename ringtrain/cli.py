@@ -102,6 +102,7 @@ def add_train_parser(sub):
     g.add_argument("--no-overlap", dest="overlap", action="store_false", help="exchange after backward instead of during it (clean measurement)")
     g.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk size in bytes")
     g.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="agree on every all-reduce's size/dtype/order first (catches mismatches instead of hanging; measures arrival skew)")
+    g.add_argument("--stage-through-host", action="store_true", help="pack gradients in a separate buffer and copy them to the host buffer that is reduced, as on GPUs (always on for CUDA models; this flag forces it on CPU to exercise that path)")
     g = t.add_argument_group("logs and snapshots")
     g.add_argument("--run-dir", default=None, help="where the HDF5 logs go (default runs/<time>-<backend>-n<N>)")
     g.add_argument("--no-log", action="store_true", help="write no step log (for measuring what logging costs)")
@@ -151,7 +152,7 @@ def add_bench_parser(sub):
         description="Train the same model once per backend in one MPI job, alternating blocks of steps between backends, and report samples/s, step-time split and ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; 'ring+nolog' runs ring without the HDF5 log (logging cost)")
+    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; a suffix picks a variant: 'ring+nolog' (no HDF5 log: logging cost), 'ring+nooverlap' (exchange after backward)")
     tr.add_argument("--model", default="resnet18")
     tr.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32))
     tr.add_argument("--batch-size", type=_positive_int, default=32)

@@ -222,6 +222,13 @@ class ShardedLoader:
                 f"({len(x)} samples over {num_shards} ranks); use --batch-size <= {self.shard_size} or fewer ranks"
             )
 
+    def reshard(self, shard: int, num_shards: int) -> None:
+        """Take shard `shard` of `num_shards` from now on (elastic training after a rank loss)."""
+        self.shard, self.num_shards = shard, num_shards
+        self.shard_size = -(-len(self.x) // num_shards)
+        if self.batch_size > self.shard_size:
+            raise ValueError(f"batch size {self.batch_size} is larger than the new shard of {self.shard_size} samples")
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

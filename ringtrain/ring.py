@@ -168,11 +168,12 @@ class Ring:
         """Blocking, in place. Returns `buf`. Collective."""
         return self.synchronize(self._submit(buf, op, name, inline_if_idle=True))
 
-    def allreduce_async_(self, buf, op: str = "average", name: str | None = None) -> Handle:
+    def allreduce_async_(self, buf, op: str = "average", name: str | None = None, before=None) -> Handle:
         """Start an in-place all-reduce on the background thread; returns a Handle at once.
         `buf` must not be read or written until `synchronize(handle)` returns. Collective:
-        every rank must start the same calls in the same order."""
-        return self._submit(buf, op, name, inline_if_idle=False)
+        every rank must start the same calls in the same order. `before`, if given, runs on
+        the background thread first (e.g. waiting for a device-to-host copy into `buf`)."""
+        return self._submit(buf, op, name, inline_if_idle=False, before=before)
 
     def synchronize(self, handle: Handle):
         """Wait for an async call; returns its buffer, re-raises its error."""
@@ -187,19 +188,21 @@ class Ring:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _submit(self, buf, op, name, inline_if_idle):
+    def _submit(self, buf, op, name, inline_if_idle, before=None):
         if op not in OPS:
             raise ValueError(f"op must be one of {OPS}, got {op!r}")
         arr, dtype = as_wire_array(buf)
         seq = self.calls
         self.calls += 1
         if inline_if_idle and self._engine.idle:
-            return self._engine.run_inline(self._call, buf, arr, dtype, op, name, seq)
-        return self._engine.submit(self._call, buf, arr, dtype, op, name, seq)
+            return self._engine.run_inline(self._call, buf, arr, dtype, op, name, seq, before)
+        return self._engine.submit(self._call, buf, arr, dtype, op, name, seq, before)
 
-    def _call(self, handle: Handle, buf, arr, dtype, op, name, seq):
+    def _call(self, handle: Handle, buf, arr, dtype, op, name, seq, before=None):
         import time
 
+        if before is not None:
+            before()
         stats = CallStats(count=arr.size, dtype=dtype)
         t0 = time.perf_counter()
         if self.check == "always":

@@ -42,7 +42,9 @@ COLUMNS = {
     "cpu_percent": np.float32,  # this process, averaged over the flush block (100 = one core)
     "nic_bytes_sent": np.float64,  # host NIC bytes per step over the block (all NICs but lo)
     "nic_bytes_recv": np.float64,
-    "grad_nonfinite": np.int8,  # 1 if this rank's local gradient had NaN/Inf this step
+    "grad_nonfinite": np.int8,  # 1 if this rank's local loss was NaN/Inf this step
+    "num_workers": np.int32,  # workers taking part in this step (changes only in elastic runs)
+    "recover_s": np.float64,  # elastic runs: time to rebuild communication after a loss (else 0)
 }
 
 

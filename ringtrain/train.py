@@ -118,6 +118,7 @@ def run(args) -> int:
         "clock": "t_start: time.time() + clock_offset (rank 0's clock); durations: time.perf_counter()"
         + ("; CUDA phases synchronised before each reading" if device.type == "cuda" else ""),
         "device": str(device),
+        "cuda_aware_mpi": _cuda_aware() if device.type == "cuda" else False,
         "threads": threads,
         "segment": segment,
         "steps_per_epoch": len(loader),
@@ -173,6 +174,12 @@ def run(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(summary, f, indent=2)
     return 0
+
+
+def _cuda_aware() -> bool:
+    from ringtrain.staging import cuda_aware_mpi
+
+    return cuda_aware_mpi()
 
 
 def make_optimizer(args, model):

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ringtrain.schemes.base import WorkersChanged
 from ringtrain.snapshot import load_snapshot, save_snapshot
 
 
@@ -130,6 +131,11 @@ class Trainer:
             t_data = time.perf_counter() - t0
             row = self._run_batch(x, y, epoch, t_start, t_data)
             self.batch_in_epoch += 1
+            if row.get("recover_s"):  # workers were lost: our shard changed, restart the iterator
+                steps = len(self.loader)
+                batches = iter(self.loader)
+                for _ in range(min(self.batch_in_epoch, steps)):
+                    next(batches)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
@@ -160,10 +166,14 @@ class Trainer:
         loss.backward()
         self._sync()
         t2 = time.perf_counter()
-        scheme.end_backward()  # every param.grad now holds the average over workers
+        recover_s = 0.0
+        try:
+            scheme.end_backward()  # every param.grad now holds the average over workers
+        except WorkersChanged as e:
+            recover_s = self._on_workers_changed(e, step)
         t3 = time.perf_counter()
         local_nonfinite = not math.isfinite(loss.item())
-        skip_update = self._check_gradients(step, local_nonfinite)
+        skip_update = recover_s > 0 or self._check_gradients(step, local_nonfinite)
         if not skip_update:
             scheme.optimizer_step(self.optimizer)
         self._sync()
@@ -188,6 +198,8 @@ class Trainer:
             "loss": float(loss.item()),
             "t_wait_peers": st.t_wait_peers,
             "grad_nonfinite": int(local_nonfinite),
+            "num_workers": self.world,
+            "recover_s": recover_s,
             **st.extra,
         }
         self.log.append(row)
@@ -226,6 +238,18 @@ class Trainer:
                 p.grad = None
             return True
         raise NonFiniteGradientError(msg + ". Lower --lr, or pass --nonfinite skip to drop such steps.")
+
+    def _on_workers_changed(self, e: WorkersChanged, step: int) -> float:
+        """Survivors of a rank loss: drop this step, take a new shard, go on (elastic schemes)."""
+        old = self.world
+        self.rank, self.world = self.scheme.worker_rank, self.scheme.num_workers
+        self.loader.reshard(self.rank, self.world)
+        for p in self.model.parameters():
+            p.grad = None
+        if self.rank == 0:
+            print(f"[RANK0] step {step}: lost rank(s) {e.lost}; continuing on {self.world} of {old} workers "
+                  f"(recovered in {e.recover_s:.2f} s, this step's update dropped)", flush=True)
+        return max(e.recover_s, 1e-9)
 
     def _inject_failure(self, step: int) -> None:
         """Fault injection for tests and the fault-tolerance comparison (--fail-rank/--fail-step)."""

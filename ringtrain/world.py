@@ -172,17 +172,15 @@ class World:
         self.comm.Barrier()
 
     def allreduce_sum(self, values) -> np.ndarray:
-        MPI = _mpi()
-        a = np.ascontiguousarray(values, dtype=np.float64)
-        out = np.empty_like(a)
-        self.comm.Allreduce(a, out, op=MPI.SUM)
-        return out
+        return self._allreduce(values, "SUM")
 
     def allreduce_max(self, values) -> np.ndarray:
-        MPI = _mpi()
+        return self._allreduce(values, "MAX")
+
+    def _allreduce(self, values, op: str) -> np.ndarray:
         a = np.ascontiguousarray(values, dtype=np.float64)
         out = np.empty_like(a)
-        self.comm.Allreduce(a, out, op=MPI.MAX)
+        self.comm.Allreduce(a, out, op=getattr(_mpi(), op))
         return out
 
     def bcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:

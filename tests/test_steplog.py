@@ -106,9 +106,10 @@ def test_file_survives_kill_minus_9_and_is_readable_while_training(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode != 0
-    with h5py.File(path, "r") as f:
+    # A killed writer leaves the file marked open-for-write: readers open it in SWMR mode.
+    with h5py.File(path, "r", libver="latest", swmr=True) as f:
         n = len(f["step"])
-        assert n >= seen and n % 5 == 0  # every flushed block, nothing half-written
+        assert n >= seen  # every flushed block (by count or by the 2 s timer), nothing half-written
         np.testing.assert_array_equal(f["step"][:], np.arange(n))
         assert all(len(f[c]) == n for c in CONTRACT)
     run = load_run(str(run_dir))  # and the report machinery reads it

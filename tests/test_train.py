@@ -132,3 +132,30 @@ def test_snapshot_of_another_model(tmp_path):
 def test_out_of_range_options():
     fails_with(train(1, "--batch-size", "0", timeout=60), "must be a positive integer")
     fails_with(train(1, "--lr", "-1", timeout=60), "must be > 0")
+
+
+def test_staged_path_gives_the_same_parameters(tmp_path):
+    # The GPU path packs gradients into a device buffer and copies them to a host buffer for the
+    # ring; --stage-through-host runs exactly those calls with host tensors.
+    for mode in ("direct", "staged"):
+        flags = ["--stage-through-host"] if mode == "staged" else []
+        for backend in ("ring", "mpi"):
+            ok(train(2, "--backend", backend, "--model", "mlp", "--steps", "6", "--save-every", "0", *flags,
+                     "--snapshot", str(tmp_path / f"{backend}-{mode}.pt"), "--run-dir", str(tmp_path / f"{backend}-{mode}")))
+    for backend in ("ring", "mpi"):
+        a, b = params(tmp_path / f"{backend}-direct.pt"), params(tmp_path / f"{backend}-staged.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    import h5py
+
+    with h5py.File(tmp_path / "ring-staged" / "rank-00000.h5", "r", libver="latest", swmr=True) as f:
+        assert f.attrs["scheme_staging"] == "host-copy"
+
+
+def test_device_selection_without_cuda():
+    from ringtrain.train import choose_device
+
+    assert choose_device("auto", 3).type == "cpu"
+    assert choose_device("cpu", 0).type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            choose_device("cuda", 0)

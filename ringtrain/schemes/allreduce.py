@@ -36,9 +36,9 @@ from ringtrain.schemes.base import Scheme, StepStats, now
 
 
 class Bucket:
-    __slots__ = ("index", "params", "offsets", "flat", "ready", "handle", "t_start", "launched")
+    __slots__ = ("index", "params", "offsets", "flat", "dev", "token", "ready", "handle", "t_start", "launched")
 
-    def __init__(self, index, params, dtype):
+    def __init__(self, index, params, dtype, staging=None):
         self.index = index
         self.params = params
         self.offsets = []
@@ -46,35 +46,41 @@ class Bucket:
         for p in params:
             self.offsets.append(total)
             total += p.numel()
-        self.flat = torch.zeros(total, dtype=dtype)
+        # flat: the buffer the all-reduce reads and writes (host memory). With staging, the
+        # gradients are first packed into `dev` (on the parameters' device) and copied over.
+        self.flat = staging.host_buffer(total, dtype) if staging else torch.zeros(total, dtype=dtype)
+        self.dev = staging.device_buffer(total, dtype, params[0].device) if staging else None
+        self.token = None
         self.ready = 0
         self.handle = None
         self.t_start = 0.0
         self.launched = False
 
     def view(self, i):
+        """Where param i's gradient is packed: the device buffer when staging, else the host one."""
         p = self.params[i]
-        return self.flat[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
+        buf = self.dev if self.dev is not None else self.flat
+        return buf[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
 
     @property
     def nbytes(self):
         return self.flat.numel() * self.flat.element_size()
 
 
-def make_buckets(params, cap_bytes: int) -> list[Bucket]:
+def make_buckets(params, cap_bytes: int, staging=None) -> list[Bucket]:
     """Group params (already in launch order) into buckets of <= cap_bytes and one dtype.
     A parameter larger than the cap gets a bucket of its own."""
     buckets, current, size, dtype = [], [], 0, None
     for p in params:
         nbytes = p.numel() * p.element_size()
         if current and (size + nbytes > cap_bytes or p.dtype != dtype):
-            buckets.append(Bucket(len(buckets), current, dtype))
+            buckets.append(Bucket(len(buckets), current, dtype, staging))
             current, size = [], 0
         current.append(p)
         size += nbytes
         dtype = p.dtype
     if current:
-        buckets.append(Bucket(len(buckets), current, dtype))
+        buckets.append(Bucket(len(buckets), current, dtype, staging))
     return buckets
 
 
@@ -95,6 +101,7 @@ class BucketedAllreduce(Scheme):
         self._stats = StepStats()
         self._hooks = []
         self.grad_bytes = 0
+        self.staging = None
 
     # ---- what subclasses provide ------------------------------------------------------
 
@@ -117,7 +124,11 @@ class BucketedAllreduce(Scheme):
             broadcast_optimizer_state(optimizer, comm)
         params = [p for p in model.parameters() if p.requires_grad]
         self.grad_bytes = sum(p.numel() * p.element_size() for p in params)
-        self.buckets = make_buckets(list(reversed(params)), int(self.bucket_cap_mb * 2**20))
+        if self.needs_host_buffers():
+            from ringtrain.staging import make_staging
+
+            self.staging = make_staging(params[0].device, force=bool(self.config.get("stage_through_host")))
+        self.buckets = make_buckets(list(reversed(params)), int(self.bucket_cap_mb * 2**20), self.staging)
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._bucket_of[p] = (b, i)
@@ -151,8 +162,24 @@ class BucketedAllreduce(Scheme):
 
     def _launch(self, b: Bucket) -> None:
         b.t_start = now()
+        if self.staging is not None:
+            b.token = self.staging.to_host_async(b.flat, b.dev)
         b.handle = self._start(b.flat, f"bucket{b.index}")
         b.launched = True
+
+    def needs_host_buffers(self) -> bool:
+        """True for schemes whose library reduces host memory only (ring; MPI unless CUDA-aware)."""
+        return True
+
+    def wait_staged(self, flat) -> None:
+        """Called by subclasses on their communication thread before touching `flat`: waits
+        for the device-to-host copy of that bucket (no-op without staging)."""
+        if self.staging is None:
+            return
+        for b in self.buckets:
+            if b.flat is flat:
+                self.staging.wait(b.token)
+                return
 
     def end_backward(self) -> None:
         t_end_backward = now()
@@ -185,6 +212,10 @@ class BucketedAllreduce(Scheme):
                 st.t_wait_peers = getattr(s, "t_wait_peers", float("nan"))
         st.t_comm = t_comm
         st.t_comm_exposed = now() - t_end_backward
+        if self.staging is not None:  # host -> device, then the compute stream waits for it
+            for b in self.buckets:
+                self.staging.to_device(b.dev, b.flat)
+            self.staging.finish()
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 p.grad = b.view(i)  # the averaged gradient, without a copy
@@ -205,6 +236,7 @@ class BucketedAllreduce(Scheme):
             "bucket_bytes": [b.nbytes for b in self.buckets],
             "overlap": self.overlap,
             "bytes_counted_by": self.counts_bytes,
+            "staging": self.staging.kind if self.staging is not None else "none",
         }
 
     def expected_bytes_per_step(self, grad_bytes: int) -> tuple[float, float]:

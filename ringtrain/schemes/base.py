@@ -26,6 +26,22 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+class WorkersChanged(RuntimeError):
+    """Raised by an elastic scheme from end_backward() when workers were lost and the scheme
+    has already rebuilt its communication among the survivors (and made their parameters
+    agree again). Every survivor raises it at the same step. The trainer then drops that
+    step's update, re-shards its data over the new `worker_rank` / `num_workers`, and goes on.
+
+    lost      ranks (in the old numbering) that are gone
+    recover_s seconds from detecting the failure to having a working communicator again
+    """
+
+    def __init__(self, lost, recover_s: float, message: str = ""):
+        super().__init__(message or f"lost worker(s) {lost}")
+        self.lost = list(lost)
+        self.recover_s = recover_s
+
+
 @dataclass
 class StepStats:
     """What one step cost in communication, as measured by the scheme itself.
@@ -76,7 +92,8 @@ class Scheme:
 
     def end_backward(self) -> None:
         """Called right after loss.backward(). Returns once every parameter's .grad holds the
-        gradient averaged over all workers (for synchronous schemes)."""
+        gradient averaged over all workers (for synchronous schemes). An elastic scheme may
+        raise WorkersChanged here instead."""
 
     def optimizer_step(self, optimizer) -> None:
         """Apply the update. All-reduce schemes: optimizer.step(). A parameter server pushes

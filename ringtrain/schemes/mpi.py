@@ -55,6 +55,7 @@ class MpiScheme(BucketedAllreduce):
         self._seq += 1
 
         def run(handle):
+            self.wait_staged(flat)
             t0 = time.perf_counter()
             if self.check:
                 arr, dtype = as_wire_array(flat)

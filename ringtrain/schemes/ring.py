@@ -19,6 +19,9 @@ class RingScheme(BucketedAllreduce):
         return super().setup(model, optimizer)
 
     def _start(self, flat, name):
+        if self.staging is not None:
+            # The copy to host runs on a side stream: the ring must wait for it on its own thread.
+            return self.ring.allreduce_async_(flat, op="average", name=name, before=lambda: self.wait_staged(flat))
         return self.ring.allreduce_async_(flat, op="average", name=name)
 
     def _wait(self, handle):
