@@ -37,3 +37,19 @@ def test_uncaught_error_on_one_rank_does_not_hang():
     proc = run_mpi(2, ["-m", "mpi4py", "-c", code], timeout=120, env=mpi_env(RINGTRAIN_HOROVOD=""))
     assert proc.returncode != 0
     assert "HorovodMismatchError" in proc.stderr and "rank 1: allreduce of 5 x float32" in proc.stderr, proc.stderr
+
+
+def test_opt_in_step_log_is_readable_by_report(tmp_path):
+    import h5py
+
+    run_dir = tmp_path / "hvdlog"
+    ok(run_mpi(2, ["examples/horovod_digits.py", "--epochs", "1", "--max-steps", "5"], timeout=300,
+               env=mpi_env(RINGTRAIN_HOROVOD="", RINGTRAIN_HOROVOD_RUN_DIR=str(run_dir))))
+    for rank in (0, 1):
+        with h5py.File(run_dir / f"rank-{rank:05d}.h5", "r") as f:
+            assert f.attrs["scheme"] == "ringtrain.horovod" and int(f.attrs["rank"]) == rank
+            assert list(f["step"][:]) == [0, 1, 2, 3, 4]
+            assert (f["t_step"][:] >= f["t_comm_exposed"][:]).all()
+            assert (f["bytes_sent"][:] == int(f.attrs["grad_bytes"])).all()  # 2(N-1)/N * S = S at N = 2
+    proc = ok(run_mpi(1, ["-m", "ringtrain", "report", str(run_dir)], timeout=120))
+    assert "ringtrain.horovod" in proc.stdout

@@ -16,17 +16,35 @@ guarantee from negotiation; a pure ring has to get it from the schedule).
 backward_passes_per_step=k: gradients accumulate locally over k backward passes and are
 exchanged on the k-th (summed over passes, averaged over ranks, as in Horovod); a (k+1)-th
 pass before step() raises. Compression.fp16 halves the bytes on the wire.
+
+Step log (opt-in): with RINGTRAIN_HOROVOD_RUN_DIR=DIR every rank writes ringtrain's per-step
+HDF5 log, DIR/rank-NNNNN.h5, one row per step(). An optimizer cannot see where forward ends
+and backward begins, so t_forward / t_backward are NaN and `t_compute` (extra column) holds
+everything from the end of the previous step() to the start of the exchange wait (data,
+forward, backward, user code); samples and loss are not known here either (0 / NaN).
 """
 from __future__ import annotations
 
+import atexit
 import os
+import time
 import warnings
 from contextlib import contextmanager
 
 import torch
 
 from ringtrain.horovod.compression import Compression
-from ringtrain.horovod.ops import Adasum, Average, _check_process_set, allreduce_async_, global_process_set, size, synchronize
+from ringtrain.horovod.ops import (
+    Adasum,
+    Average,
+    _check_process_set,
+    _st,
+    allreduce_async_,
+    comm_stats,
+    global_process_set,
+    size,
+    synchronize,
+)
 
 DEFAULT_FUSION_BYTES = 4 << 20
 
@@ -105,10 +123,15 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         if size() > 1:
             for p in params:
                 self._hvd_hooks.append(p.register_post_accumulate_grad_hook(self._hvd_on_grad))
+        self._hvd_log = _open_step_log(self, params) if os.environ.get("RINGTRAIN_HOROVOD_RUN_DIR") else None
+        self._hvd_step = 0
+        self._hvd_t_iter = None  # perf_counter at the end of the previous step (start of this one)
 
     # ---- during backward -------------------------------------------------------------
 
     def _hvd_on_grad(self, p) -> None:
+        if self._hvd_t_iter is None:
+            self._hvd_t_iter = time.perf_counter()  # first step: start at the first gradient
         delay = self._hvd_delay[p]
         if delay <= 0:
             raise AssertionError(
@@ -161,14 +184,18 @@ class _DistributedOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Start the exchanges that have not started yet (parameters without a gradient
         contribute zeros), wait for all, and write the averaged gradients into .grad."""
+        t0 = time.perf_counter()
+        self._hvd_t_sync = (t0, t0, 0.0)
         if size() == 1:
             self._hvd_synchronized = True
             return
         for b in self._hvd_buckets:
             b.ready = len(b.params)
         self._hvd_launch_ready()
+        t_comm = 0.0
         for b in self._hvd_buckets:
             out = self._hvd_compression.decompress(synchronize(b.handle), b.ctx)
+            t_comm += b.handle.t_end - b.handle.t_begin
             if b.direct:
                 g = b.params[0].grad
                 if out.data_ptr() != g.data_ptr():
@@ -181,6 +208,7 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         for p in self._hvd_delay:
             self._hvd_delay[p] = self.backward_passes_per_step
         self._hvd_synchronized = True
+        self._hvd_t_sync = (t0, time.perf_counter(), t_comm)
 
     @contextmanager
     def skip_synchronize(self):
@@ -198,7 +226,33 @@ class _DistributedOptimizer(torch.optim.Optimizer):
                               "optimizer.synchronize(). This can cause training slowdown.")
             self.synchronize()
         self._hvd_synchronized = False
-        return super(self.__class__, self).step(closure)
+        if self._hvd_log is None:
+            return super(self.__class__, self).step(closure)
+        t_opt = time.perf_counter()
+        result = super(self.__class__, self).step(closure)
+        self._hvd_log_step(t_opt, time.perf_counter())
+        return result
+
+    def _hvd_log_step(self, t_opt, t_end) -> None:
+        t_sync0, t_sync1, t_comm = getattr(self, "_hvd_t_sync", (t_opt, t_opt, 0.0))
+        t_iter = self._hvd_t_iter if self._hvd_t_iter is not None else t_sync0
+        st = comm_stats(reset=True)
+        self._hvd_log.append({
+            "step": self._hvd_step,
+            "epoch": 0,
+            "t_start": time.time() - (t_end - t_iter) + self._hvd_clock_offset,
+            "t_compute": t_sync0 - t_iter,
+            "t_comm": t_comm,
+            "t_comm_exposed": t_sync1 - t_sync0,
+            "t_optimizer": t_end - t_opt,
+            "t_step": t_end - t_iter,
+            "bytes_sent": st["bytes_sent"],
+            "bytes_recv": st["bytes_recv"],
+            "samples": 0,
+            "num_workers": size(),
+        })
+        self._hvd_step += 1
+        self._hvd_t_iter = t_end
 
     def _hvd_base_step(self, closure=None):
         """The wrapped optimizer's own step, without any exchange (a purely local step)."""
@@ -222,6 +276,53 @@ class _DistributedOptimizer(torch.optim.Optimizer):
         self._hvd_synchronized = False
         self.set_backward_passes_per_step(self.backward_passes_per_step)
         return super(self.__class__, self).load_state_dict(*args, **kwargs)
+
+
+def _open_step_log(opt, params):
+    """Collective (clock alignment): every rank's StepLog under RINGTRAIN_HOROVOD_RUN_DIR."""
+    import socket
+
+    import numpy as np
+
+    import ringtrain
+    from ringtrain.steplog import StepLog, rank_file
+    from ringtrain.world import detect_launcher, measure_clock_offset
+
+    s = _st()
+    comm = s.comm.Dup()
+    opt._hvd_clock_offset, uncertainty = measure_clock_offset(comm)
+    comm.Free()
+    run_dir = os.environ["RINGTRAIN_HOROVOD_RUN_DIR"]
+    os.makedirs(run_dir, exist_ok=True)
+    grad_bytes = sum(p.numel() * p.element_size() for p in params)
+    n = s.size
+    model_bytes = 2 * (n - 1) / n * grad_bytes if n > 1 else 0.0
+    manifest = {
+        "scheme": "ringtrain.horovod",
+        "backend": "ringtrain.horovod",
+        "world_size": n,
+        "num_workers": n,
+        "rank": s.rank,
+        "local_rank": s.local_rank,
+        "hostname": socket.gethostname(),
+        "launcher": detect_launcher().launcher,
+        "optimizer": type(opt).__name__,
+        "lr": opt.param_groups[0].get("lr", float("nan")),
+        "param_count": sum(p.numel() for p in params),
+        "grad_bytes": grad_bytes,
+        "expected_bytes_per_step": [model_bytes, model_bytes],
+        "bytes_counted_by": "the ring itself (all ringtrain.horovod collectives of the step)",
+        "fusion_bytes": _fusion_bytes(),
+        "num_buckets": len(opt._hvd_buckets),
+        "backward_passes_per_step": opt.backward_passes_per_step,
+        "compression": getattr(opt._hvd_compression, "__name__", str(opt._hvd_compression)),
+        "clock_offset": opt._hvd_clock_offset,
+        "clock_uncertainty": uncertainty,
+        "versions": {"ringtrain": ringtrain.__version__, "torch": torch.__version__},
+    }
+    log = StepLog(rank_file(run_dir, s.rank), manifest, {"t_compute": np.float64})
+    atexit.register(log.close)
+    return log
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=Compression.none, backward_passes_per_step=1,
