@@ -69,7 +69,7 @@ EOF
 [ -n "${TORCH_TAG:-}" ] || die "torch is not importable by $PYTHON; install torch first (pip install torch==2.13.0)"
 # The MPI the extension links against: its name and version, plus a checksum of the wrapper's
 # compile line (two installs of one version in different places get different keys).
-MPI_NAME="$( (mpirun --version 2>/dev/null || echo unknown) | head -n 1 | sed 's/^mpi[a-z]* //' \
+MPI_NAME="$( (mpirun --version 2>/dev/null || echo unknown) | sed -n 1p | sed 's/^mpi[a-z]* //' \
     | tr -cs 'A-Za-z0-9.' '-' | sed 's/^-//; s/-$//')"
 MPI_SUM="$( (mpicxx -show 2>/dev/null || mpicxx --showme 2>/dev/null || true) | cksum | cut -d ' ' -f 1)"
 MPI_ID="${MPI_NAME}-${MPI_SUM}"
@@ -82,7 +82,7 @@ KEY="horovod-${HOROVOD_VERSION}_torch-${TORCH_TAG}_${PY_TAG}_${MPI_ID}_${GPU_TAG
 WHEEL_DIR="$CACHE/wheels/$KEY"
 
 # ---- build (only when no cached wheel matches) ---------------------------------------------
-wheel="$(ls "$WHEEL_DIR"/horovod-*.whl 2>/dev/null | head -n 1 || true)"
+wheel="$(ls "$WHEEL_DIR"/horovod-*.whl 2>/dev/null | sed -n 1p || true)"
 if [ -n "${HOROVOD_REBUILD:-}" ] || [ -z "$wheel" ]; then
     log "building Horovod $HOROVOD_VERSION for torch $TORCH_TAG ($PY_TAG, $MPI_ID, ${GPU_TAG}); takes minutes"
     work="$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")"
@@ -100,7 +100,7 @@ if [ -n "${HOROVOD_REBUILD:-}" ] || [ -z "$wheel" ]; then
         "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps -w "$work/dist" "$src"
     mkdir -p "$WHEEL_DIR"
     cp "$work"/dist/horovod-*.whl "$WHEEL_DIR"/
-    wheel="$(ls "$WHEEL_DIR"/horovod-*.whl | head -n 1)"
+    wheel="$(ls "$WHEEL_DIR"/horovod-*.whl | sed -n 1p)"
     log "cached $wheel"
     built=1
 else

@@ -3,7 +3,6 @@
 the MPI and the Gloo controller). Skipped only when Horovod is not installed
 (bash scripts/install_horovod.sh installs it)."""
 import os
-import re
 import shutil
 import subprocess
 import sys

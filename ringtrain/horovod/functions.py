@@ -9,13 +9,11 @@ takes JSON-serializable values: numbers, strings, None, lists, and dicts with st
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 
-from ringtrain.horovod.ops import allgather, broadcast_, global_process_set, rank, size
+from ringtrain.horovod.ops import allgather, broadcast_, global_process_set, rank
 
 
 def _fused_broadcast_(tensors, root_rank, name) -> None:

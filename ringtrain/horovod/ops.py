@@ -18,7 +18,6 @@ MPI_Allgatherv. All buffer-based (no pickle). CUDA tensors are staged through ho
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import threading
 import time
@@ -516,6 +515,7 @@ def _execute(s: _State, kind, buf, op, root, prescale=1.0, postscale=1.0):
         _run_allreduce(s, buf, op, prescale, postscale)
         return buf
     if kind == _BROADCAST:
+        _check_root_active(s, root, joined=False)
         if buf.numel():
             s.ctrl.Bcast([buf.reshape(-1).view(torch.uint8).numpy(), MPI.BYTE], root=root)
         return buf
@@ -548,6 +548,18 @@ def _allgather_rows(s: _State, buf, nrows: int, row_numel: int, dtype) -> torch.
     return out.reshape(int(all_rows.sum()), row_numel)
 
 
+def _check_root_active(s: _State, root: int, joined: bool) -> None:
+    """Collective, for broadcasts only: raise on every rank if the root has joined (it has no
+    data to send). One tiny Allreduce, because active ranks cannot tell who has joined."""
+    from mpi4py import MPI
+
+    flag = np.array([1 if joined and root == s.rank else 0], dtype=np.int64)
+    out = np.empty_like(flag)
+    s.ctrl.Allreduce(flag, out, op=MPI.MAX)
+    if out[0]:
+        raise HorovodInternalError(f"rank {root} has called join() and cannot be the root of a broadcast")
+
+
 def _execute_joined(s: _State, agreed) -> None:
     """Take part, without data, in an operation the active ranks agreed on."""
     from mpi4py import MPI
@@ -558,10 +570,10 @@ def _execute_joined(s: _State, agreed) -> None:
         buf = torch.full((count,), _identity(dtype, op), dtype=dtype)
         _run_allreduce(s, buf, op, 1.0, 1.0)
     elif kind == _BROADCAST:
-        if root == s.rank:
-            raise HorovodInternalError(f"rank {s.rank} has joined and cannot be the root of a broadcast")
+        _check_root_active(s, root, joined=True)
         buf = torch.empty(count, dtype=dtype)
-        _execute(s, _BROADCAST, buf, op, root)
+        if count:
+            s.ctrl.Bcast([buf.view(torch.uint8).numpy(), MPI.BYTE], root=root)
     elif kind == _ALLGATHER:
         _allgather_rows(s, torch.empty(0, dtype=dtype), 0, count, dtype)  # contributes no rows
     # _BARRIER: nothing to do

@@ -346,3 +346,16 @@ def test_misuse_raises():
     with pytest.raises(ValueError, match="unique"):
         hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                  named_parameters=[("w", model.weight), ("w", model.bias)])
+
+
+def test_broadcast_from_a_joined_root_raises_everywhere():
+    if hvd.size() == 1:
+        pytest.skip("needs a rank that joins while another broadcasts")
+    if hvd.rank() == 0:
+        with pytest.raises(hvd.HorovodInternalError, match="cannot be the root"):
+            hvd.join()
+        hvd.join()  # the others join next
+    else:
+        with pytest.raises(hvd.HorovodInternalError, match="cannot be the root"):
+            hvd.broadcast(torch.ones(3), root_rank=0)
+        hvd.join()
