@@ -13,6 +13,10 @@ SCHEMES = {
     "ddp": "ringtrain.schemes.ddp:DdpScheme",
     "horovod": "ringtrain.schemes.horovod:HorovodScheme",
     "none": "ringtrain.schemes.none:NoExchange",
+    "ps-sync": "ringtrain.schemes.ps:PsSync",
+    "ps-async": "ringtrain.schemes.ps:PsAsync",
+    "ps-async-reply-first": "ringtrain.schemes.ps:PsAsyncReplyFirst",
+    "ps-hogwild": "ringtrain.schemes.ps:PsHogwild",
 }
 
 
