@@ -16,7 +16,9 @@ def _bytes_view(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
     if not t.is_contiguous():
         raise ValueError("broadcast needs contiguous tensors")
-    return t.view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
+    # reshape(-1) first: a 0-dim tensor (BatchNorm's num_batches_tracked, Adam's step) cannot
+    # be viewed as bytes directly; its 1-element reshape shares the same memory.
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
 
 
 def broadcast_tensor_(t: torch.Tensor, comm, root: int = 0) -> None:

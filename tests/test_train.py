@@ -159,3 +159,14 @@ def test_device_selection_without_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA device"):
             choose_device("cuda", 0)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_every_model_trains_and_agrees_across_ranks(tmp_path, optimizer):
+    # BatchNorm (0-dim num_batches_tracked) and Adam (0-dim step) states must broadcast too.
+    from ringtrain.models import MODELS
+
+    for model in sorted(MODELS):
+        ok(train(2, "--model", model, "--dataset", "synthetic", "--synthetic-shape", "3,32,32", "--synthetic-samples", "16",
+                 "--batch-size", "2", "--steps", "2", "--optimizer", optimizer, "--lr", "0.01", "--save-every", "0",
+                 "--snapshot", str(tmp_path / f"{model}.pt"), "--run-dir", str(tmp_path / model), timeout=300))
