@@ -70,6 +70,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.rank = scheme.worker_rank
         self.world = scheme.num_workers
+        self.first_rank = self.rank  # the worker rank --fail-rank refers to (ranks renumber after a loss)
         self.epochs_run = 0
         self.global_step = 0
         self.batch_in_epoch = 0  # batches already done in the current epoch (mid-epoch resume)
@@ -149,7 +150,7 @@ class Trainer:
     def _run_batch(self, x, y, epoch: int, t_start: float, t_data: float) -> dict:
         cfg, scheme = self.cfg, self.scheme
         step = self.global_step
-        if step == cfg.fail_step and self.rank == cfg.fail_rank:
+        if step == cfg.fail_step and self.first_rank == cfg.fail_rank:
             self._inject_failure(step)
         # Dropout and friends draw from a generator seeded by (seed, rank, step), so a resumed
         # run replays exactly the random numbers the uninterrupted run would have drawn.
