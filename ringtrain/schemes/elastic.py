@@ -215,5 +215,11 @@ class ElasticRingScheme(RingScheme):
         self.comm.Bcast(a, root=0)
         return a
 
+    def close(self) -> None:
+        super().close()
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+
     def manifest(self) -> dict:
         return {**super().manifest(), "elastic": True}
