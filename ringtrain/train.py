@@ -152,7 +152,7 @@ def run(args) -> int:
         rank_file(run_dir, world.rank, segment), manifest, scheme.extra_columns(), flush_every=args.log_flush_every
     )
     trainer.log = log
-    if scheme.worker_rank == 0:  # worker 0: rank 0 may be a server, or lost in an elastic run
+    if scheme.worker_rank == 0:  # worker 0 (rank 0 may be a parameter server)
         _write_run_json(run_dir, manifest, None)
         print(
             f"[RANK0] {args.backend}: {scheme.num_workers} worker(s) of {world.size} rank(s), model {args.model} "
@@ -168,7 +168,7 @@ def run(args) -> int:
     summary["wall_s"] = time.perf_counter() - t0
     summary["run_dir"] = run_dir
     scheme.close()
-    if scheme.worker_rank == 0:  # worker 0: rank 0 may be a server, or lost in an elastic run
+    if scheme.worker_rank == 0:
         _write_run_json(run_dir, manifest, summary)
         print(format_summary(args.backend, args.model, summary), flush=True)
         if args.json:
