@@ -27,8 +27,8 @@ What happens in a step, on every worker:
      parameters and optimizer state, and raise WorkersChanged. The trainer drops the step,
      re-shards the data over the survivors and continues.
 
-Costs: the commit adds one small agreement per step (tens of microseconds over TCP on one
-host). Steps lost per failure: the one in progress. recover_s in the step log is the time
+Costs: the commit adds one agreement per step, counted in t_comm and t_comm_exposed (about
+0.5 ms for 4 ranks over TCP on one oversubscribed 2-core host). Steps lost per failure: the one in progress. recover_s in the step log is the time
 from detecting the failure to a working ring and agreed parameters.
 
 An exception inside a rank (a bug, not a lost process) still aborts the whole job, as with
