@@ -208,12 +208,16 @@ def bench_train(args) -> dict:
         torch.manual_seed(0)
         model = build_model(args.model, data.shape, data.classes)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap}
+        variants = set(variant.split("+")) if variant else set()
+        unknown = variants - {"nolog", "nooverlap"}
+        if unknown:
+            raise ValueError(f"unknown variant {'+'.join(sorted(unknown))!r} in {name!r}: use BACKEND, BACKEND+nolog, BACKEND+nooverlap")
+        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap and "nooverlap" not in variants}
         scheme = make_scheme(scheme_name, world, config)
         loader = ShardedLoader(data.x_train, data.y_train, args.batch_size, scheme.worker_rank, scheme.num_workers, seed=0)
         cfg = TrainConfig(batch_size=args.batch_size, progress=False, nonfinite="off", warmup_steps=0)
         tr = Trainer(model, opt, torch.nn.CrossEntropyLoss(), scheme, loader, None, NullLog(), cfg, clock=world.now)
-        if variant != "nolog":
+        if "nolog" not in variants:
             run_dir = os.path.join(args.run_dir, name) if args.run_dir else None
             if run_dir is None:
                 import tempfile

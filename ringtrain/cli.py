@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_bench_parser(sub)
     add_report_parser(sub)
+    from ringtrain.cluster import add_cluster_parser
+    from ringtrain.hostfile import add_hostfile_parser
+
+    add_hostfile_parser(sub)
+    add_cluster_parser(sub)
     return p
 
 
@@ -80,7 +85,7 @@ def add_train_parser(sub):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = t.add_argument_group("what to train")
-    g.add_argument("--backend", default="ring", choices=scheme_names(), help="gradient-exchange scheme: ring (ours), mpi (MPI_Allreduce), ddp (torch DDP), none (no exchange: compute-only baseline), and any others installed")
+    g.add_argument("--backend", default="ring", choices=scheme_names(), help="gradient-exchange scheme: ring (ours), mpi (MPI_Allreduce), ddp (torch DDP), none (no exchange: compute-only baseline), ps-sync / ps-async / ps-async-reply-first / ps-hogwild (parameter server, see --ps-servers), and any others installed")
     g.add_argument("--model", default="cnn", choices=sorted(MODELS), help="model to train (mlp and mlp-wide are communication-heavy)")
     g.add_argument("--dataset", default="digits", choices=("digits", "cifar10", "cinic10", "synthetic"), help="digits ships with the install; cifar10/cinic10 read --data-dir")
     g.add_argument("--data-dir", default=None, help="directory of the cifar10 (python format) or cinic10 (folders) dataset")
@@ -102,6 +107,9 @@ def add_train_parser(sub):
     g.add_argument("--no-overlap", dest="overlap", action="store_false", help="exchange after backward instead of during it (clean measurement)")
     g.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk size in bytes")
     g.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="agree on every all-reduce's size/dtype/order first (catches mismatches instead of hanging; measures arrival skew)")
+    g.add_argument("--ps-servers", type=_nonneg_int, default=1, help="parameter server (ps-sync: average N gradients, one optimizer step; ps-async: apply each push, then reply; ps-async-reply-first: reply at once, apply queued pushes under a lock; ps-hogwild: lock-free MPI_Accumulate into RMA windows): this many dedicated server ranks (ranks 0..K-1, one shard each); 0 = colocated, shards served from worker ranks' background threads")
+    g.add_argument("--ps-shards", type=_nonneg_int, default=0, help="parameter shards, balanced by bytes (0: one per dedicated server, or 1 when colocated)")
+    g.add_argument("--ps-timeout", type=_positive_float, default=600.0, help="seconds a worker waits for a parameter server before failing with the server's rank")
     g.add_argument("--stage-through-host", action="store_true", help="pack gradients in a separate buffer and copy them to the host buffer that is reduced, as on GPUs (always on for CUDA models; this flag forces it on CPU to exercise that path)")
     g = t.add_argument_group("logs and snapshots")
     g.add_argument("--run-dir", default=None, help="where the HDF5 logs go (default runs/<time>-<backend>-n<N>)")
@@ -154,7 +162,7 @@ def add_bench_parser(sub):
         description="Train the same model once per backend in one MPI job, alternating blocks of steps between backends, and report samples/s, step-time split and ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; 'ring+nolog' runs ring without the HDF5 log (logging cost)")
+    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; a suffix picks a variant: 'ring+nolog' (no HDF5 log: logging cost), 'ring+nooverlap' (exchange after backward)")
     tr.add_argument("--model", default="resnet18")
     tr.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32))
     tr.add_argument("--batch-size", type=_positive_int, default=32)

@@ -2,7 +2,7 @@
 every torch build). Each builder takes the input shape (C, H, W) and the number of classes.
 
     mlp        two hidden layers; cheap compute, so communication dominates (a "comm-heavy" model)
-    mlp-wide   MLP with 2048-wide layers: ~ 6 M parameters on CIFAR shape, for comm studies
+    mlp-wide   five 1024-wide hidden layers (~4.3 M parameters on 8x8 input): communication-heavy
     cnn        a small two-conv network, the default on digits
     alexnet    AlexNet adapted to 32x32 CIFAR images (the network the DistNet project trained)
     resnet18   ResNet-18, CIFAR variant (3x3 stem, no max-pool)
@@ -26,8 +26,15 @@ def mlp(shape, num_classes, hidden=256):
     )
 
 
-def mlp_wide(shape, num_classes):
-    return mlp(shape, num_classes, hidden=2048)
+def mlp_wide(shape, num_classes, hidden=1024, depth=5):
+    """Five 1024-wide hidden layers (about 4 MiB of gradient each): many equal buckets, so
+    all but the first layer's all-reduce can hide behind the backward of earlier layers."""
+    c, h, w = shape
+    layers = [nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU()]
+    for _ in range(depth - 1):
+        layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+    layers.append(nn.Linear(hidden, num_classes))
+    return nn.Sequential(*layers)
 
 
 class SmallCNN(nn.Module):

@@ -84,6 +84,7 @@ def run(args) -> int:
             raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it (a new segment is added) or choose another --run-dir")
     world.barrier()
     segment = next_segment(run_dir, world.rank)
+    scheme.config["run_dir"] = run_dir  # where parameter servers write server-SSSSS.h5
 
     if not scheme.is_worker:  # a dedicated parameter server: no trainer, no data
         scheme.serve()

@@ -37,11 +37,15 @@ class LaunchInfo:
     env_local_rank: int | None = None
     slurm_job_id: str | None = None
     slurm_ntasks: int | None = None
+    # Which variables the rank and size came from, e.g. "OMPI_COMM_WORLD_RANK/SIZE"; for messages.
+    source: str = ""
+    in_slurm_step: bool = False  # started by srun (SLURM_STEP_ID is set)
 
 
-def _int_env(*names: str) -> int | None:
+def _int_env(*names: str, env=None) -> int | None:
+    env = os.environ if env is None else env
     for n in names:
-        v = os.environ.get(n)
+        v = env.get(n)
         if v not in (None, ""):
             try:
                 return int(v)
@@ -50,35 +54,67 @@ def _int_env(*names: str) -> int | None:
     return None
 
 
-def detect_launcher() -> LaunchInfo:
-    """Read the launcher's environment variables. Pure function of os.environ; no MPI."""
-    env = os.environ
-    slurm_job = env.get("SLURM_JOB_ID")
-    slurm_ntasks = _int_env("SLURM_NTASKS", "SLURM_NPROCS")
-    if "HOROVOD_RANK" in env or "HOROVOD_GLOO_RENDEZVOUS_ADDR" in env:
-        launcher = "horovodrun"
-        rank, size, local = _int_env("HOROVOD_RANK"), _int_env("HOROVOD_SIZE"), _int_env("HOROVOD_LOCAL_RANK")
+def detect_launcher(env=None) -> LaunchInfo:
+    """Read the launcher's environment variables (default os.environ). No MPI.
+
+    The order matters because launchers nest: horovodrun runs mpirun; mpirun inside SLURM
+    starts its daemons with srun, so ranks see SLURM_STEP_ID of that srun; MPICH's Hydra does
+    the same. The most specific launcher, the one that started the ranks, wins:
+
+        HOROVOD_RANK                  horovodrun (Gloo controller)
+        OMPI_COMM_WORLD_RANK/SIZE     Open MPI's mpirun (horovodrun if HOROVOD_* is set too)
+        PMI_RANK/SIZE                 MPICH/Intel MPI Hydra (MPI_LOCALRANKID), or srun --mpi=pmi2
+        PMIX_RANK under srun          srun --mpi=pmix (size from SLURM_STEP_NUM_TASKS)
+        SLURM_PROCID with a step      srun without PMI: the ranks will be MPI singletons
+        RANK, LOCAL_RANK, WORLD_SIZE  torchrun (starts no MPI at all)
+        none of these                 singleton (maybe directly in an sbatch script)
+    """
+    env = os.environ if env is None else env
+
+    def i(*names):
+        return _int_env(*names, env=env)
+
+    slurm_job = env.get("SLURM_JOB_ID") or env.get("SLURM_JOBID")
+    slurm_ntasks = i("SLURM_NTASKS", "SLURM_NPROCS")
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    step_tasks = i("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "SLURM_NPROCS")
+    horovod_env = any(k.startswith("HOROVOD_") for k in env)
+    if "HOROVOD_RANK" in env:
+        launcher, source = "horovodrun", "HOROVOD_RANK/SIZE"
+        rank, size, local = i("HOROVOD_RANK"), i("HOROVOD_SIZE"), i("HOROVOD_LOCAL_RANK")
     elif "OMPI_COMM_WORLD_RANK" in env:
-        launcher = "horovodrun" if "HOROVOD_CYCLE_TIME" in env or "HOROVOD_STALL_CHECK_TIME_SECONDS" in env else "mpirun"
-        rank, size = _int_env("OMPI_COMM_WORLD_RANK"), _int_env("OMPI_COMM_WORLD_SIZE")
-        local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK")
-    elif "PMI_RANK" in env or "PMIX_RANK" in env:
-        launcher = "srun" if "SLURM_STEP_ID" in env and slurm_job else "mpiexec-hydra"
-        rank, size = _int_env("PMI_RANK", "PMIX_RANK"), _int_env("PMI_SIZE")
-        local = _int_env("MPI_LOCALRANKID", "SLURM_LOCALID")
-    elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        launcher = "srun"
-        rank, size, local = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
-    elif "LOCAL_RANK" in env and "RANK" in env:
-        launcher = "torchrun"
-        rank, size, local = _int_env("RANK"), _int_env("WORLD_SIZE"), _int_env("LOCAL_RANK")
+        launcher, source = ("horovodrun" if horovod_env else "mpirun"), "OMPI_COMM_WORLD_RANK/SIZE"
+        rank, size = i("OMPI_COMM_WORLD_RANK"), i("OMPI_COMM_WORLD_SIZE")
+        local = i("OMPI_COMM_WORLD_LOCAL_RANK")
+    elif "PMI_RANK" in env:
+        hydra = "MPI_LOCALRANKID" in env or not in_step
+        launcher, source = ("mpiexec-hydra" if hydra else "srun"), "PMI_RANK/SIZE"
+        rank, size = i("PMI_RANK"), i("PMI_SIZE")
+        local = i("MPI_LOCALRANKID", "SLURM_LOCALID")
+    elif "PMIX_RANK" in env and in_step:
+        launcher, source = "srun", "PMIX_RANK, SLURM_STEP_NUM_TASKS"
+        rank, size, local = i("PMIX_RANK"), step_tasks, i("SLURM_LOCALID")
+    elif "SLURM_PROCID" in env and in_step:
+        launcher, source = "srun", "SLURM_PROCID, SLURM_STEP_NUM_TASKS"
+        rank, size, local = i("SLURM_PROCID"), step_tasks, i("SLURM_LOCALID")
+    elif "RANK" in env and "LOCAL_RANK" in env:
+        launcher, source = "torchrun", "RANK/WORLD_SIZE"
+        rank, size, local = i("RANK"), i("WORLD_SIZE"), i("LOCAL_RANK")
     else:
-        launcher, rank, size, local = "singleton", None, None, None
-    return LaunchInfo(launcher, rank, size, local, slurm_job, slurm_ntasks)
+        launcher, source, rank, size, local = "singleton", "", None, None, None
+    return LaunchInfo(launcher, rank, size, local, slurm_job, slurm_ntasks, source, in_step)
 
 
 class LaunchError(RuntimeError):
-    pass
+    exit_code = 2
+
+
+def _mpi_library() -> str:
+    try:
+        # "Open MPI v5.0.11, package: ..." / "MPICH Version: 4.2.0 ...": the name and version suffice.
+        return _mpi().Get_library_version().split("\n")[0].split(",")[0].strip().rstrip("\x00")[:60]
+    except Exception:  # no MPI loaded: only the message suffers
+        return "unknown"
 
 
 def check_launch(info: LaunchInfo, mpi_rank: int, mpi_size: int) -> None:
@@ -86,22 +122,35 @@ def check_launch(info: LaunchInfo, mpi_rank: int, mpi_size: int) -> None:
 
     The common case: `srun -n 4 python -m ringtrain ...` with an MPI that was not built with
     SLURM's PMI support starts four independent singletons, each of which thinks it is rank 0
-    of 1 and would silently train alone.
+    of 1 and would silently train alone. Each message says how to launch instead.
     """
+    where = f"rank {mpi_rank} of {mpi_size}"
     if info.env_size is not None and info.env_size != mpi_size:
-        raise LaunchError(
-            f"rank {mpi_rank}: the launcher ({info.launcher}) started {info.env_size} processes but MPI "
-            f"sees a world of {mpi_size}. The ranks were started as separate MPI singletons. Launch with "
-            f"`mpirun -n {info.env_size} python -m ringtrain ...`, or `srun --mpi=pmix` with an MPI built "
-            f"for SLURM."
-        )
-    if info.slurm_ntasks is not None and info.launcher == "srun" and info.slurm_ntasks != mpi_size:
-        raise LaunchError(
-            f"rank {mpi_rank}: SLURM_NTASKS={info.slurm_ntasks} but MPI sees a world of {mpi_size}. "
-            f"Inside an allocation, use `mpirun -n $SLURM_NTASKS python -m ringtrain ...`."
-        )
+        n = info.env_size
+        if info.launcher == "torchrun":
+            how = (f"torchrun starts processes but no MPI job; ringtrain's ranks come from MPI. Launch with "
+                   f"`mpirun -n {n} python -m ringtrain ...` (the ddp backend then starts torch.distributed itself).")
+        elif info.launcher == "horovodrun" and info.source.startswith("HOROVOD_"):
+            how = (f"horovodrun started {n} processes with its Gloo controller, which starts no MPI job. Use "
+                   f"`horovodrun --mpi -np {n} ...` or `mpirun -n {n} python -m ringtrain train --backend horovod`.")
+        elif info.launcher == "srun":
+            how = (f"srun started {n} tasks but this MPI ({_mpi_library()}) did not connect them, so each is a "
+                   f"singleton. Inside the allocation use `mpirun -n $SLURM_NTASKS python -m ringtrain ...`, or "
+                   f"`srun --mpi=pmix` if this MPI was built with PMIx support (`srun --mpi=list` shows what SLURM offers).")
+        else:
+            how = (f"{info.launcher} started {n} processes ({info.source}) but mpi4py's MPI ({_mpi_library()}) sees "
+                   f"{mpi_size}: the launcher belongs to a different MPI library than the one mpi4py loaded. Use the "
+                   f"mpirun/mpiexec of that library (`python -m mpi4py --mpi-library` names it).")
+        raise LaunchError(f"{where}: {how}")
     if info.env_rank is not None and info.env_rank != mpi_rank:
-        raise LaunchError(f"rank {mpi_rank}: the launcher says this is rank {info.env_rank}, MPI says {mpi_rank}.")
+        raise LaunchError(
+            f"{where}: the launcher ({info.launcher}, {info.source}) says this is rank {info.env_rank}, MPI says "
+            f"{mpi_rank}. Ranks must come from one launcher; do not nest them (e.g. srun inside mpirun).")
+    if info.launcher == "singleton" and mpi_size == 1 and (info.slurm_ntasks or 1) > 1:
+        raise LaunchError(
+            f"{where}: started directly inside a SLURM job of {info.slurm_ntasks} tasks (SLURM_NTASKS), without a "
+            f"launcher, so only this one process trains. Use `mpirun -n $SLURM_NTASKS python -m ringtrain ...` in the "
+            f"batch script (or `mpirun -n 1` to run one rank on purpose).")
 
 
 # --------------------------------------------------------------------------- world
@@ -149,17 +198,15 @@ class World:
         self.comm.Barrier()
 
     def allreduce_sum(self, values) -> np.ndarray:
-        MPI = _mpi()
-        a = np.ascontiguousarray(values, dtype=np.float64)
-        out = np.empty_like(a)
-        self.comm.Allreduce(a, out, op=MPI.SUM)
-        return out
+        return self._allreduce(values, "SUM")
 
     def allreduce_max(self, values) -> np.ndarray:
-        MPI = _mpi()
+        return self._allreduce(values, "MAX")
+
+    def _allreduce(self, values, op: str) -> np.ndarray:
         a = np.ascontiguousarray(values, dtype=np.float64)
         out = np.empty_like(a)
-        self.comm.Allreduce(a, out, op=MPI.MAX)
+        self.comm.Allreduce(a, out, op=getattr(_mpi(), op))
         return out
 
     def bcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:

@@ -12,6 +12,10 @@ SCHEMES = {
     "mpi": "ringtrain.schemes.mpi:MpiScheme",
     "ddp": "ringtrain.schemes.ddp:DdpScheme",
     "none": "ringtrain.schemes.none:NoExchange",
+    "ps-sync": "ringtrain.schemes.ps:PsSync",
+    "ps-async": "ringtrain.schemes.ps:PsAsync",
+    "ps-async-reply-first": "ringtrain.schemes.ps:PsAsyncReplyFirst",
+    "ps-hogwild": "ringtrain.schemes.ps:PsHogwild",
 }
 
 # `--elastic`: the variant of a backend that survives the loss of ranks (needs ULFM).

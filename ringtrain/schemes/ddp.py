@@ -13,6 +13,7 @@ Bytes follow the ring cost model (gloo reports none), as the manifest says.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
@@ -36,12 +37,16 @@ class DdpScheme(Scheme):
         self.grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         self._lock = threading.Lock()
         self._events = []  # (t_issue, t_done) per bucket this step
-        ddp = DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            bucket_cap_mb=float(self.config.get("bucket_cap_mb", 4.0)),
-            broadcast_buffers=False,  # buffers are broadcast once here; BN stats stay per rank like the other schemes
-        )  # DDP broadcasts rank 0's parameters at construction
+        with warnings.catch_warnings():
+            # broadcast_buffers=False is what we want (rank-local BN statistics, like every other
+            # scheme); newer torch warns that the flag is deprecated.
+            warnings.simplefilter("ignore", FutureWarning)
+            ddp = DistributedDataParallel(
+                model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                bucket_cap_mb=float(self.config.get("bucket_cap_mb", 4.0)),
+                broadcast_buffers=False,
+            )  # DDP broadcasts rank 0's parameters at construction
         broadcast_optimizer_state(optimizer, self.world.comm)
         world_size = self.world.size
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 15 minutes on 2 cores).
+# Each command alternates its backends inside one MPI job; ratios come from the same run.
+#   OUT=bench-results bash scripts/benchmarks.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+[ "$(id -u)" = 0 ] && export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMP_NUM_THREADS=1
+OUT=${OUT:-bench-results}
+mkdir -p "$OUT"
+MPIRUN="mpirun --oversubscribe --bind-to none"
+run() { echo "\$ $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt"; }
+
+# 1. all-reduce bandwidth: ring vs MPI_Allreduce vs torch gloo, N=2 and N=4
+for n in 2 4; do
+    run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
+        --sizes 64K,256K,1M,4M,16M,64M --iters 20 --json "$OUT/allreduce-n$n.json"
+done
+# 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,mpi,ddp --model resnet18 \
+    --batch-size 32 --rounds 4 --steps-per-round 3 --threads 1 --json "$OUT/train-resnet18-n2.json"
+# 3. overlap on a communication-heavy MLP: exposed vs issued communication, with and without overlap
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+nooverlap --model mlp-wide \
+    --synthetic-shape 1,8,8 --batch-size 64 --rounds 6 --steps-per-round 5 --threads 1 --json "$OUT/train-overlap-n2.json"
+# 4. what the HDF5 step log costs: the same training with and without it
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+nolog --model cnn \
+    --synthetic-shape 1,8,8 --batch-size 32 --rounds 8 --steps-per-round 10 --threads 1 --json "$OUT/train-logcost-n2.json"
