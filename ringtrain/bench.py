@@ -89,14 +89,13 @@ def _make_backends(names, world, args):
 
 
 def horovod_backend(world, args) -> _Backend:
-    """Horovod's allreduce_ (MPI or Gloo controller, whichever it was started with)."""
-    try:
-        import horovod.torch as hvd
-    except ImportError as e:
-        raise RuntimeError(f"backend horovod: horovod is not importable ({e}); install it with scripts/install_horovod.sh") from None
-    hvd.init()
+    """Horovod's allreduce_ with the CPU operations it was started with (MPI under mpirun).
+    Started on `world`'s ranks, and checked to see the same world (see schemes/horovod.py)."""
+    from ringtrain.schemes.horovod import init_horovod
+
+    hvd, started = init_horovod(world)
     op = hvd.Average if args.op == "average" else hvd.Sum
-    return _Backend("horovod", lambda t: hvd.allreduce_(t, op=op, name="bench"), hvd.shutdown)
+    return _Backend("horovod", lambda t: hvd.allreduce_(t, op=op, name="bench"), hvd.shutdown if started else lambda: None)
 
 
 def _pattern(count, dtype, rank):

@@ -83,7 +83,9 @@ def detect_launcher(env=None) -> LaunchInfo:
         launcher, source = "horovodrun", "HOROVOD_RANK/SIZE"
         rank, size, local = i("HOROVOD_RANK"), i("HOROVOD_SIZE"), i("HOROVOD_LOCAL_RANK")
     elif "OMPI_COMM_WORLD_RANK" in env:
-        launcher, source = ("horovodrun" if horovod_env else "mpirun"), "OMPI_COMM_WORLD_RANK/SIZE"
+        # horovodrun's MPI controller sets no HOROVOD_* variable: look at the process tree too.
+        by_horovodrun = horovod_env or (env is os.environ and _started_by_horovodrun())
+        launcher, source = ("horovodrun" if by_horovodrun else "mpirun"), "OMPI_COMM_WORLD_RANK/SIZE"
         rank, size = i("OMPI_COMM_WORLD_RANK"), i("OMPI_COMM_WORLD_SIZE")
         local = i("OMPI_COMM_WORLD_LOCAL_RANK")
     elif "PMI_RANK" in env:
@@ -103,6 +105,28 @@ def detect_launcher(env=None) -> LaunchInfo:
     else:
         launcher, source, rank, size, local = "singleton", "", None, None, None
     return LaunchInfo(launcher, rank, size, local, slurm_job, slurm_ntasks, source, in_step)
+
+
+def _started_by_horovodrun(levels: int = 6) -> bool:
+    """Whether horovodrun started this process. Its MPI controller sets no HOROVOD_* variable:
+    it replaces itself (exec) with `/bin/sh -c "mpirun ... -mca btl_tcp_if_include NICS
+    -x NCCL_SOCKET_IFNAME=NICS ..."`, so that shell among our ancestors is the sign."""
+    try:
+        import psutil
+
+        p = psutil.Process().parent()
+        for _ in range(levels):
+            if p is None:
+                return False
+            cmd = p.cmdline()
+            if any(os.path.basename(a) == "horovodrun" for a in cmd[:4]):
+                return True
+            if len(cmd) >= 3 and cmd[1] == "-c" and cmd[2].startswith("mpirun ") and "-x NCCL_SOCKET_IFNAME=" in cmd[2]:
+                return True
+            p = p.parent()
+    except Exception:  # no psutil, or a parent we may not inspect
+        return False
+    return False
 
 
 class LaunchError(RuntimeError):

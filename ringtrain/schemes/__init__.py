@@ -11,6 +11,7 @@ SCHEMES = {
     "ring": "ringtrain.schemes.ring:RingScheme",
     "mpi": "ringtrain.schemes.mpi:MpiScheme",
     "ddp": "ringtrain.schemes.ddp:DdpScheme",
+    "horovod": "ringtrain.schemes.horovod:HorovodScheme",
     "none": "ringtrain.schemes.none:NoExchange",
     "ps-sync": "ringtrain.schemes.ps:PsSync",
     "ps-async": "ringtrain.schemes.ps:PsAsync",
