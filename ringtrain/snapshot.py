@@ -15,6 +15,8 @@ Loading uses torch.load(weights_only=True): a snapshot cannot run code.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 
 import torch
@@ -62,6 +64,15 @@ def load_snapshot(path, model, optimizer, model_name: str) -> dict:
         snap = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise SnapshotError(f"snapshot {path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found is None:
+            raise SnapshotError(f"snapshot {path} is corrupt or not a ringtrain snapshot (UnpicklingError)") from None
+        raise SnapshotError(
+            f"snapshot {path} refused: it refers to the Python object {found.group(1)}, and loading it could run code "
+            f"(snapshots are read with torch.load(weights_only=True): tensors and plain values only). Use a snapshot "
+            f"written by ringtrain."
+        ) from None
     except Exception as e:
         raise SnapshotError(f"snapshot {path} is corrupt or not a ringtrain snapshot ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(snap, dict) or "MODEL_STATE" not in snap or "EPOCHS_RUN" not in snap:

@@ -62,6 +62,7 @@ def run(args) -> int:
 
     install_abort_on_error()
     world = World.init()
+    check_fault_options(args, world.size)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, world.local_size))
     torch.set_num_threads(threads)
     device = choose_device(args.device, world.local_rank)
@@ -181,6 +182,17 @@ def _cuda_aware() -> bool:
     from ringtrain.staging import cuda_aware_mpi
 
     return cuda_aware_mpi()
+
+
+def check_fault_options(args, world_size: int) -> None:
+    """Fault-injection options name a rank and a step of this job, or nothing at all."""
+    r, k = args.fail_rank, args.fail_step
+    if r == -1 and k == -1:
+        return
+    if not 0 <= r < world_size:
+        raise ValueError(f"--fail-rank {r} is not a rank of this job of {world_size} rank(s) (0..{world_size - 1})")
+    if k < 0:
+        raise ValueError(f"--fail-rank {r} needs --fail-step K >= 0 (the global step at whose start rank {r} fails)")
 
 
 def make_optimizer(args, model):

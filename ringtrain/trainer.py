@@ -46,7 +46,7 @@ class TrainConfig:
     warmup_steps: int = 2  # steps left out of the throughput summary
     fail_rank: int = -1  # fault injection: this rank ...
     fail_step: int = -1  # ... dies at the start of this global step
-    fail_mode: str = "exit"  # exit | kill | raise
+    fail_mode: str = "exit"  # exit | kill | raise | nan (NaN loss and gradients on that rank)
     extra: dict = field(default_factory=dict)
 
 
@@ -70,6 +70,7 @@ class Trainer:
         self.device = device or torch.device("cpu")
         self.rank = scheme.worker_rank
         self.world = scheme.num_workers
+        self.first_rank = self.rank  # the worker rank --fail-rank refers to (ranks renumber after a loss)
         self.epochs_run = 0
         self.global_step = 0
         self.batch_in_epoch = 0  # batches already done in the current epoch (mid-epoch resume)
@@ -149,7 +150,8 @@ class Trainer:
     def _run_batch(self, x, y, epoch: int, t_start: float, t_data: float) -> dict:
         cfg, scheme = self.cfg, self.scheme
         step = self.global_step
-        if step == cfg.fail_step and self.rank == cfg.fail_rank:
+        inject = step == cfg.fail_step and self.first_rank == cfg.fail_rank
+        if inject and cfg.fail_mode != "nan":
             self._inject_failure(step)
         # Dropout and friends draw from a generator seeded by (seed, rank, step), so a resumed
         # run replays exactly the random numbers the uninterrupted run would have drawn.
@@ -161,6 +163,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         out = self.forward_model(x)
         loss = self.loss_fn(out, y)
+        if inject and cfg.fail_mode == "nan":  # fault injection: this rank's loss and gradients turn NaN
+            loss = loss * float("nan")
         self._sync()
         t1 = time.perf_counter()
         loss.backward()

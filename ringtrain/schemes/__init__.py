@@ -19,14 +19,25 @@ SCHEMES = {
     "ps-hogwild": "ringtrain.schemes.ps:PsHogwild",
 }
 
+# `--elastic`: the variant of a backend that survives the loss of ranks (needs ULFM).
+ELASTIC = {
+    "ring": "ringtrain.schemes.elastic:ElasticRingScheme",
+}
+
 
 def scheme_names() -> list[str]:
     return list(SCHEMES)
 
 
 def make_scheme(name: str, world, config: dict | None = None):
-    """Construct the scheme registered as `name`. Not collective (setup() is)."""
+    """Construct the scheme registered as `name` (its elastic variant if config["elastic"]).
+    Not collective (setup() is)."""
     if name not in SCHEMES:
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(SCHEMES)}")
-    module, cls = SCHEMES[name].split(":")
+    target = SCHEMES[name]
+    if (config or {}).get("elastic"):
+        if name not in ELASTIC:
+            raise ValueError(f"--elastic is available for --backend {', '.join(ELASTIC)}, not {name!r}")
+        target = ELASTIC[name]
+    module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)(world, config)
