@@ -204,18 +204,24 @@ def bench_train(args) -> dict:
     trainers = {}
     for name in names:
         scheme_name, _, variant = name.partition("+")
-        torch.manual_seed(0)
-        model = build_model(args.model, data.shape, data.classes)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         variants = set(variant.split("+")) if variant else set()
         unknown = variants - {"nolog", "nooverlap"}
         if unknown:
             raise ValueError(f"unknown variant {'+'.join(sorted(unknown))!r} in {name!r}: use BACKEND, BACKEND+nolog, BACKEND+nooverlap")
+        base = name.replace("+nolog", "")
+        if "nolog" in variants and base in names:
+            # Same trainer, same model, log switched off for its rounds: isolates what logging costs.
+            trainers[name] = {"shared": base, "log": NullLog()}
+            continue
+        torch.manual_seed(0)
+        model = build_model(args.model, data.shape, data.classes)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap and "nooverlap" not in variants}
         scheme = make_scheme(scheme_name, world, config)
         loader = ShardedLoader(data.x_train, data.y_train, args.batch_size, scheme.worker_rank, scheme.num_workers, seed=0)
         cfg = TrainConfig(batch_size=args.batch_size, progress=False, nonfinite="off", warmup_steps=0)
         tr = Trainer(model, opt, torch.nn.CrossEntropyLoss(), scheme, loader, None, NullLog(), cfg, clock=world.now)
+        log = NullLog()
         if "nolog" not in variants:
             run_dir = os.path.join(args.run_dir, name) if args.run_dir else None
             if run_dir is None:
@@ -224,58 +230,71 @@ def bench_train(args) -> dict:
                 run_dir = tempfile.mkdtemp(prefix=f"ringtrain-bench-{name}-")
             os.makedirs(run_dir, exist_ok=True)
             manifest = {"backend": scheme_name, "rank": world.rank, "world_size": world.size, "model": args.model, "batch_size": args.batch_size,
-                        "grad_bytes": scheme.grad_bytes if hasattr(scheme, "grad_bytes") else 0, "dataset": "synthetic", "num_workers": scheme.num_workers,
+                        "grad_bytes": getattr(scheme, "grad_bytes", 0), "dataset": "synthetic", "num_workers": scheme.num_workers,
                         "expected_bytes_per_step": list(scheme.expected_bytes_per_step(sum(p.numel() * 4 for p in model.parameters())))}
-            tr.log = StepLog(rank_file(run_dir, world.rank), manifest, scheme.extra_columns())
-        trainers[name] = (tr, iter(()))
+            log = StepLog(rank_file(run_dir, world.rank), manifest, scheme.extra_columns())
+        trainers[name] = {"trainer": tr, "it": iter(()), "log": log}
+    for name, t in trainers.items():
+        if "shared" in t:
+            t["trainer"] = trainers[t["shared"]]["trainer"]
+    rows = {name: [] for name in names}
+
     def next_batch(name):
-        tr, it = trainers[name]
+        t = trainers[t_name(name)]
         try:
-            return next(it)
+            return next(t["it"])
         except StopIteration:
-            it = iter(tr.loader)
-            trainers[name] = (tr, it)
-            return next(it)
+            t["it"] = iter(t["trainer"].loader)
+            return next(t["it"])
+
+    def t_name(name):
+        return trainers[name].get("shared", name)
+
+    def run_steps(name, k, timed):
+        t = trainers[name]
+        tr = t["trainer"]
+        tr.log = t["log"]
+        start = len(tr.rows)
+        for _ in range(k):
+            t0 = time.perf_counter()
+            x, y = next_batch(name)
+            tr._run_batch(x, y, 0, world.now(), time.perf_counter() - t0)
+        if timed:
+            rows[name].extend(tr.rows[start:])
 
     for name in names:  # warm-up, untimed
-        tr = trainers[name][0]
-        for _ in range(args.warmup):
-            x, y = next_batch(name)
-            tr._run_batch(x, y, 0, world.now(), 0.0)
-        tr.rows.clear()
+        run_steps(name, args.warmup, timed=False)
     for rnd in range(args.rounds):
         shift = rnd % len(names)
         for name in names[shift:] + names[:shift]:
-            tr = trainers[name][0]
             world.barrier()
-            for _ in range(args.steps_per_round):
-                t0 = time.perf_counter()
-                x, y = next_batch(name)
-                tr._run_batch(x, y, 0, world.now(), time.perf_counter() - t0)
+            run_steps(name, args.steps_per_round, timed=True)
     results = {}
     for name in names:
-        tr = trainers[name][0]
-        rows = tr.rows
-        t_step = np.array([r["t_step"] for r in rows])
+        tr = trainers[name]["trainer"]
+        steps = rows[name]
+        t_step = np.array([r["t_step"] for r in steps])
         slowest = np.empty_like(t_step)
         from mpi4py import MPI
 
         world.comm.Allreduce(t_step, slowest, op=MPI.MAX)
         phases = {}
         for k in ("t_forward", "t_backward", "t_comm", "t_comm_exposed", "t_optimizer"):
-            v = np.array([float(np.median([r[k] for r in rows]))])
+            v = np.array([float(np.median([r[k] for r in steps]))])
             world.comm.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
             phases[k] = float(v[0] / world.size)
-        samples = args.batch_size * tr.scheme.num_workers * len(rows)
+        samples = args.batch_size * tr.scheme.num_workers * len(steps)
         results[name] = {
             "median_step_s": float(np.median(slowest)),
             "samples_per_s": samples / float(np.sum(slowest)),
             "samples_per_s_median": args.batch_size * tr.scheme.num_workers / float(np.median(slowest)),
-            "steps": len(rows),
+            "steps": len(steps),
             **{f"median_{k}": v for k, v in phases.items()},
         }
-        tr.log.close()
-        tr.scheme.close()
+    for name, t in trainers.items():
+        t["log"].close()
+        if "shared" not in t:
+            t["trainer"].scheme.close()
     if world.rank == 0:
         print(f"# ringtrain bench train: {args.model}, batch {args.batch_size}/rank, {world.size} ranks, {args.rounds} rounds x {args.steps_per_round} steps, backends alternate; slowest rank per step")
         print(f"  {'backend':<12}{'step ms':>9}{'samples/s':>11}{'fwd':>8}{'bwd':>8}{'comm':>8}{'exposed':>9}{'opt':>7}")

@@ -4,10 +4,12 @@ One file per rank so no rank ever waits for another to log. Written with h5py in
 a reader (a notebook, `ringtrain report`) can open it while training runs, and a writer
 killed with `kill -9` leaves a file that opens and holds every step up to the last flush.
 
-Cost: rows are buffered in memory and written in blocks every `flush_every` steps (or
-`flush_seconds`), so logging adds no communication and a few microseconds per step. System
-counters (CPU %, NIC bytes) are sampled once per block, not per step, and every row of the
-block gets the block's per-step average.
+Cost: rows are buffered in memory and written in blocks, once `flush_seconds` (default 1 s)
+have passed or `flush_every` steps are buffered, whichever comes first. Writing a block costs
+about 5 ms here (each column dataset is resized and written), so the time bound keeps
+logging near 0.5% of training time whatever the step time, and a kill -9 loses at most
+about a second of steps. Logging adds no communication. System counters (CPU %, NIC bytes)
+are sampled once per block, and every row of the block gets the block's per-step average.
 
 A resumed run (`--resume`) writes a new segment, rank-00000.seg-001.h5, ..., never
 overwriting an earlier one; readers concatenate segments by their `segment` attribute.
@@ -76,7 +78,7 @@ class StepLog:
     """Writer. Created by every rank after the run directory exists; `append` once per step;
     `close` at the end (a crash without close loses at most the unflushed block)."""
 
-    def __init__(self, path: str, manifest: dict, extra_columns: dict | None = None, flush_every: int = 10, flush_seconds: float = 2.0):
+    def __init__(self, path: str, manifest: dict, extra_columns: dict | None = None, flush_every: int = 200, flush_seconds: float = 1.0):
         import h5py
         import psutil
 

@@ -150,7 +150,7 @@ def run(args) -> int:
     manifest["expected_bytes_per_step"] = list(scheme.expected_bytes_per_step(grad_bytes))
     manifest["start_step"] = trainer.global_step
     log = NullLog() if args.no_log else StepLog(
-        rank_file(run_dir, world.rank, segment), manifest, scheme.extra_columns(), flush_every=args.log_flush_every
+        rank_file(run_dir, world.rank, segment), manifest, scheme.extra_columns(), flush_every=args.log_flush_every, flush_seconds=args.log_flush_seconds
     )
     trainer.log = log
     if scheme.worker_rank == 0:  # worker 0 (rank 0 may be a parameter server)
