@@ -63,3 +63,12 @@ def train(n, *args, timeout=240, env=None, extra=()):
 def ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
     return proc
+
+
+def fails_with(proc, *needles):
+    """A clear failure: non-zero exit, every needle in the output, no Python traceback."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    text = proc.stdout + proc.stderr
+    for n in needles:
+        assert n in text, f"expected {n!r} in:\n{text[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

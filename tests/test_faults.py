@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, mpi_env, mpirun_prefix, ok, run_mpi, train
+from conftest import ROOT, fails_with, mpi_env, mpirun_prefix, ok, run_mpi, train
 
 # Seconds from the failure until every rank has exited. mpirun needs well under 5 s on a
 # quiet machine; the margin is for a heavily loaded one.
@@ -190,14 +190,6 @@ def test_elastic_launch_check():
 
 
 # ---- 5. bad input --------------------------------------------------------------------------
-
-
-def fails_with(proc, *needles):
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    text = proc.stdout + proc.stderr
-    for n in needles:
-        assert n in text, f"expected {n!r} in:\n{text[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_nonfinite_gradient_stop_names_step_and_rank(tmp_path):

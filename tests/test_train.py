@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import ok, train
+from conftest import fails_with, ok, train
 
 STEPS = "12"
 
@@ -87,14 +87,6 @@ def test_digits_trains_to_high_accuracy(tmp_path):
 
 
 # ---- bad input: a clear message, a non-zero exit, no hang ---------------------------------
-
-
-def fails_with(proc, *needles):
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    text = proc.stdout + proc.stderr
-    for n in needles:
-        assert n in text, f"expected {n!r} in:\n{text[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_missing_dataset_directory(tmp_path):

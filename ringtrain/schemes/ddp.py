@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import warnings
 
-import torch
 
 from ringtrain.broadcast import broadcast_optimizer_state
 from ringtrain.schemes.base import Scheme, StepStats, now

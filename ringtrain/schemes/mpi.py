@@ -27,8 +27,6 @@ def mpi_allreduce_average_(comm, buf, check=True, name=None, seq=0) -> None:
         comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         np.divide(arr, n, out=arr)
     else:
-        import torch
-
         t = buf.detach().reshape(-1)
         wide = t.float().contiguous()
         comm.Allreduce(MPI.IN_PLACE, wide.numpy(), op=MPI.SUM)
