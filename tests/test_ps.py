@@ -111,7 +111,10 @@ def test_shards_are_balanced_by_bytes(sync_runs):
     ("ps-hogwild", 4, 1, []),
 ])
 def test_async_variants_train_and_log_staleness(tmp_path, backend, n, servers, flags):
-    ok(train(n, *COMMON, "--backend", backend, *flags, "--epochs", "3", "--steps", "36", "--run-dir", str(tmp_path)))
+    # Plain SGD: momentum applied to stale gradients can make an async run diverge after it
+    # has learned (seen with reply-first), which is a property of the method, not a defect.
+    ok(train(n, *COMMON, "--momentum", "0", "--lr", "0.5", "--backend", backend, *flags, "--epochs", "3", "--steps", "36",
+             "--run-dir", str(tmp_path)))
     for r in range(servers, n):
         loss, stale, sent = columns(tmp_path / f"rank-{r:05d}.h5", "loss", "staleness", "bytes_sent")
         # Asynchronous updates land in a different order every run (hogwild most of all), so
