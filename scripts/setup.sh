@@ -26,4 +26,4 @@ case "$MPI_FLAVOUR" in
 esac
 python -m pip install -q -e ".[${extras}]"
 python -m ringtrain --help >/dev/null
-echo "ringtrain is installed in $(pwd)/.venv ($(python -c 'import mpi4py.MPI as M; print(M.Get_library_version().splitlines()[0].strip())'))"
+echo "ringtrain is installed in $(pwd)/.venv ($(python -c 'import mpi4py.MPI as M; print(M.Get_library_version().replace(chr(0), "").splitlines()[0].strip())'))"
