@@ -25,4 +25,4 @@ run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+nooverlap 
     --synthetic-shape 1,8,8 --batch-size 64 --rounds 6 --steps-per-round 5 --threads 1 --json "$OUT/train-overlap-n2.json"
 # 4. what the HDF5 step log costs: the same training with and without it
 run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+nolog --model cnn \
-    --synthetic-shape 1,8,8 --batch-size 32 --rounds 8 --steps-per-round 10 --threads 1 --json "$OUT/train-logcost-n2.json"
+    --synthetic-shape 1,8,8 --batch-size 32 --rounds 30 --steps-per-round 20 --threads 1 --json "$OUT/train-logcost-n2.json"
