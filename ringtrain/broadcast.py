@@ -11,6 +11,8 @@ import json
 import numpy as np
 import torch
 
+from ringtrain.world import bcast_bytes
+
 
 def _bytes_view(t: torch.Tensor) -> np.ndarray:
     t = t.detach()
@@ -62,11 +64,7 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, comm, root: int 
         msg = json.dumps(layout).encode()
     else:
         msg = None
-    n = np.array([len(msg) if rank == root else 0], dtype=np.int64)
-    comm.Bcast(n, root=root)
-    buf = np.frombuffer(msg, np.uint8).copy() if rank == root else np.empty(int(n[0]), np.uint8)
-    comm.Bcast(buf, root=root)
-    layout = json.loads(buf.tobytes().decode())
+    layout = json.loads(bcast_bytes(comm, msg, root).decode())
     state = {}
     for pid, entry in layout.items():
         st = {}

@@ -26,6 +26,7 @@ Only buffer-based MPI calls carry data (no pickle).
 """
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -199,8 +200,6 @@ class Ring:
         return self._engine.submit(self._call, buf, arr, dtype, op, name, seq, before)
 
     def _call(self, handle: Handle, buf, arr, dtype, op, name, seq, before=None):
-        import time
-
         if before is not None:
             before()
         stats = CallStats(count=arr.size, dtype=dtype)

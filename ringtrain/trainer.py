@@ -10,6 +10,8 @@ Where a timer could lie:
     all-reduces (microseconds), and, for DDP, DDP's own wait for its last buckets.
   - t_comm_exposed is reported by the scheme; the trainer's own stopwatch around
     end_backward() measures the same wait plus a few microseconds of bookkeeping.
+  - t_optimizer includes the non-finite-gradient check (one norm per gradient tensor) unless
+    --nonfinite off.
   - the first steps include one-off costs (allocations, thread start-up); reports skip them.
   - on CPU all timers are wall-clock perf_counter readings around synchronous work. On CUDA
     the trainer synchronises the device before reading a timer (see `_sync`), so queued
@@ -176,7 +178,8 @@ class Trainer:
         except WorkersChanged as e:
             recover_s = self._on_workers_changed(e, step)
         t3 = time.perf_counter()
-        local_nonfinite = not math.isfinite(loss.item())
+        loss_value = loss.item()  # once: on CUDA every .item() is a device sync
+        local_nonfinite = not math.isfinite(loss_value)
         skip_update = recover_s > 0 or self._check_gradients(step, local_nonfinite)
         if not skip_update:
             scheme.optimizer_step(self.optimizer)
@@ -193,13 +196,13 @@ class Trainer:
             "t_forward": t1 - t0,
             "t_backward": t2 - t1,
             "t_comm": st.t_comm,
-            "t_comm_exposed": st.t_comm_exposed if st.t_comm_exposed else (t3 - t2 if st.t_comm else 0.0),
+            "t_comm_exposed": st.t_comm_exposed,
             "t_optimizer": t4 - t3,
             "t_step": t_data + (t4 - t0),
             "bytes_sent": st.bytes_sent,
             "bytes_recv": st.bytes_recv,
             "samples": int(y.shape[0]),
-            "loss": float(loss.item()),
+            "loss": loss_value,
             "t_wait_peers": st.t_wait_peers,
             "grad_nonfinite": int(local_nonfinite),
             "num_workers": self.world,

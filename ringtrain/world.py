@@ -234,12 +234,7 @@ class World:
         return out
 
     def bcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
-        """Broadcast a small byte string (addresses, JSON). Buffer-based, no pickle."""
-        n = np.array([len(data) if self.rank == root else 0], dtype=np.int64)
-        self.comm.Bcast(n, root=root)
-        buf = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else np.empty(int(n[0]), np.uint8)
-        self.comm.Bcast(buf, root=root)
-        return buf.tobytes()
+        return bcast_bytes(self.comm, data, root)
 
     def now(self) -> float:
         """Seconds on rank 0's clock (time.time() plus the measured offset)."""
@@ -247,6 +242,17 @@ class World:
 
     def abort(self, code: int = 1) -> None:
         self.comm.Abort(code)
+
+
+def bcast_bytes(comm, data: bytes | None, root: int = 0) -> bytes:
+    """Collective: root's small byte string (addresses, JSON) on every rank; `data` is
+    ignored elsewhere. Length first, then the bytes; buffer-based, no pickle."""
+    rank = comm.Get_rank()
+    n = np.array([len(data) if rank == root else 0], dtype=np.int64)
+    comm.Bcast(n, root=root)
+    buf = np.frombuffer(data, dtype=np.uint8).copy() if rank == root else np.empty(int(n[0]), np.uint8)
+    comm.Bcast(buf, root=root)
+    return buf.tobytes()
 
 
 def measure_clock_offset(comm, pings: int = 8) -> tuple[float, float]:

@@ -129,6 +129,7 @@ class BucketedAllreduce(Scheme):
 
             self.staging = make_staging(params[0].device, force=bool(self.config.get("stage_through_host")))
         self.buckets = make_buckets(list(reversed(params)), int(self.bucket_cap_mb * 2**20), self.staging)
+        self._bucket_of_flat = {id(b.flat): b for b in self.buckets}
         for b in self.buckets:
             for i, p in enumerate(b.params):
                 self._bucket_of[p] = (b, i)
@@ -174,12 +175,8 @@ class BucketedAllreduce(Scheme):
     def wait_staged(self, flat) -> None:
         """Called by subclasses on their communication thread before touching `flat`: waits
         for the device-to-host copy of that bucket (no-op without staging)."""
-        if self.staging is None:
-            return
-        for b in self.buckets:
-            if b.flat is flat:
-                self.staging.wait(b.token)
-                return
+        if self.staging is not None:
+            self.staging.wait(self._bucket_of_flat[id(flat)].token)
 
     def end_backward(self) -> None:
         t_end_backward = now()

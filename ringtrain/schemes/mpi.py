@@ -7,10 +7,12 @@ and the manifest says so.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ringtrain.engine import Engine
-from ringtrain.ring import as_wire_array, check_layout
+from ringtrain.ring import CallStats, as_wire_array, check_layout
 from ringtrain.schemes.allreduce import BucketedAllreduce
 
 
@@ -45,10 +47,6 @@ class MpiScheme(BucketedAllreduce):
         return super().setup(model, optimizer)
 
     def _start(self, flat, name):
-        import time
-
-        from ringtrain.ring import CallStats
-
         seq = self._seq
         self._seq += 1
 
