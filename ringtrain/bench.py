@@ -205,9 +205,9 @@ def bench_train(args) -> dict:
     for name in names:
         scheme_name, _, variant = name.partition("+")
         variants = set(variant.split("+")) if variant else set()
-        unknown = variants - {"nolog", "nooverlap"}
+        unknown = variants - {"nolog", "nooverlap", "spin", "sleep"}
         if unknown:
-            raise ValueError(f"unknown variant {'+'.join(sorted(unknown))!r} in {name!r}: use BACKEND, BACKEND+nolog, BACKEND+nooverlap")
+            raise ValueError(f"unknown variant {'+'.join(sorted(unknown))!r} in {name!r}: use BACKEND, BACKEND+nolog, BACKEND+nooverlap, BACKEND+spin, BACKEND+sleep")
         base = name.replace("+nolog", "")
         if "nolog" in variants and base in names:
             # Same trainer, same model, log switched off for its rounds: isolates what logging costs.
@@ -216,7 +216,7 @@ def bench_train(args) -> dict:
         torch.manual_seed(0)
         model = build_model(args.model, data.shape, data.classes)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap and "nooverlap" not in variants}
+        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap and "nooverlap" not in variants, "comm_wait": next((v for v in ("spin", "sleep") if v in variants), args.comm_wait)}
         scheme = make_scheme(scheme_name, world, config)
         loader = ShardedLoader(data.x_train, data.y_train, args.batch_size, scheme.worker_rank, scheme.num_workers, seed=0)
         cfg = TrainConfig(batch_size=args.batch_size, progress=False, nonfinite="off", warmup_steps=0)

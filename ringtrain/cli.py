@@ -105,6 +105,7 @@ def add_train_parser(sub):
     g = t.add_argument_group("gradient exchange")
     g.add_argument("--bucket-cap-mb", type=_positive_float, default=4.0, help="bucket size for fused all-reduces, like DDP's bucket_cap_mb")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", help="exchange after backward instead of during it (clean measurement)")
+    g.add_argument("--comm-wait", default="auto", choices=("auto", "spin", "sleep"), help="how ring and mpi wait for peers: 'spin' polls MPI at full speed; 'sleep' tests and sleeps, leaving the core to backward; 'auto' sleeps while backward runs and spins after it")
     g.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk size in bytes")
     g.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="agree on every all-reduce's size/dtype/order first (catches mismatches instead of hanging; measures arrival skew)")
     g.add_argument("--ps-servers", type=_nonneg_int, default=1, help="parameter server (ps-sync: average N gradients, one optimizer step; ps-async: apply each push, then reply; ps-async-reply-first: reply at once, apply queued pushes under a lock; ps-hogwild: lock-free MPI_Accumulate into RMA windows): this many dedicated server ranks (ranks 0..K-1, one shard each); 0 = colocated, shards served from worker ranks' background threads")
@@ -163,7 +164,7 @@ def add_bench_parser(sub):
         description="Train the same model once per backend in one MPI job, alternating blocks of steps between backends, and report samples/s, step-time split and ratios.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; a suffix picks a variant: 'ring+nolog' (no HDF5 log: logging cost), 'ring+nooverlap' (exchange after backward)")
+    tr.add_argument("--backends", default="ring,mpi,ddp", help="comma list of backends; a suffix picks a variant: 'ring+nolog' (no HDF5 log: logging cost), 'ring+nooverlap' (exchange after backward), 'ring+spin' / 'ring+sleep' (one --comm-wait mode for the whole step)")
     tr.add_argument("--model", default="resnet18")
     tr.add_argument("--synthetic-shape", type=_shape, default=(3, 32, 32))
     tr.add_argument("--batch-size", type=_positive_int, default=32)
@@ -172,6 +173,7 @@ def add_bench_parser(sub):
     tr.add_argument("--warmup", type=_nonneg_int, default=2, help="untimed steps per backend first")
     tr.add_argument("--bucket-cap-mb", type=_positive_float, default=4.0)
     tr.add_argument("--no-overlap", dest="overlap", action="store_false")
+    tr.add_argument("--comm-wait", default="auto", choices=("auto", "spin", "sleep"), help="how ring and mpi wait for peers (see train --help)")
     tr.add_argument("--threads", type=_nonneg_int, default=0)
     tr.add_argument("--run-dir", default=None, help="also write each backend's step log here (one sub-directory each)")
     tr.add_argument("--json", default=None)

@@ -38,6 +38,11 @@ from ringtrain.engine import Engine, Handle
 # against the copy; small enough that a multi-MiB segment is split into several chunks.
 DEFAULT_CHUNK_BYTES = 1 << 20
 
+# Polite waiting (see Waiter): first sleep and longest sleep between MPI_Test calls.
+# The longest sleep bounds the latency a polite wait adds once the message is there.
+POLL_FIRST_S = 20e-6
+POLL_MAX_S = 0.5e-3
+
 OPS = ("sum", "average")
 
 # dtype name -> (code sent in the layout header, wire numpy dtype)
@@ -48,6 +53,41 @@ _DTYPES = {
     "bfloat16": (4, np.uint16),  # numpy has no bfloat16: carried as raw 16-bit words
 }
 _CODE_TO_DTYPE = {code: name for name, (code, _) in _DTYPES.items()}
+
+
+class Waiter:
+    """How a communication thread waits for its MPI requests: `waitall(reqs)` returns when all
+    of them are complete.
+
+    polite False: in MPI_Waitall, which polls at full speed on a core (lowest latency; right
+    when nothing else wants the core). polite True: MPI_Testall calls (each also drives MPI's
+    progress engine) separated by sleeps growing from POLL_FIRST_S to POLL_MAX_S, which leave
+    the core to a backward pass running beside the exchange on the same rank. The flag may be
+    flipped from another thread at any time: a polite wait re-reads it after every sleep, so
+    switching it off (at the end of backward) returns an in-flight wait to full speed within
+    POLL_MAX_S.
+    """
+
+    __slots__ = ("polite",)
+
+    def __init__(self, polite: bool = False):
+        self.polite = bool(polite)
+
+    def waitall(self, reqs) -> None:
+        MPI = _mpi()
+        if not self.polite:
+            MPI.Request.Waitall(reqs)
+            return
+        delay = POLL_FIRST_S
+        while not MPI.Request.Testall(reqs):
+            if not self.polite:
+                MPI.Request.Waitall(reqs)
+                return
+            time.sleep(delay)
+            delay = min(2 * delay, POLL_MAX_S)
+
+
+_BLOCKING = Waiter(False)
 
 
 class RingMismatchError(ValueError):
@@ -145,9 +185,12 @@ class Ring:
                  with one tiny MPI_Allreduce, so a mismatch raises RingMismatchError on every
                  rank instead of hanging, and the time spent there measures how long this rank
                  waited for the slowest one. "never": skip it (saves a few µs per call).
+
+    polite       how the ring waits for its peers (see Waiter); an attribute that the owner
+                 may flip at any time, e.g. on while backward computes beside the ring.
     """
 
-    def __init__(self, comm=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, check: str = "always"):
+    def __init__(self, comm=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, check: str = "always", polite: bool = False):
         MPI = _mpi()
         if check not in ("always", "never"):
             raise ValueError(f"check must be 'always' or 'never', got {check!r}")
@@ -156,6 +199,7 @@ class Ring:
         self.size = self.comm.Get_size()
         self.chunk_bytes = int(chunk_bytes)
         self.check = check
+        self.waiter = Waiter(polite)
         self.calls = 0  # calls submitted so far (identical on every rank when used correctly)
         self.bytes_sent = 0  # running totals over all calls
         self.bytes_recv = 0
@@ -218,7 +262,15 @@ class Ring:
         return buf
 
     def _check_layout(self, count, dtype, op, name, seq) -> None:
-        check_layout(self.comm, count, dtype, op, name, seq)
+        check_layout(self.comm, count, dtype, op, name, seq, self.waiter)
+
+    @property
+    def polite(self) -> bool:
+        return self.waiter.polite
+
+    @polite.setter
+    def polite(self, value: bool) -> None:
+        self.waiter.polite = bool(value)
 
     def _ring(self, arr: np.ndarray, dtype: str, average: bool) -> tuple[int, int]:
         MPI = _mpi()
@@ -261,7 +313,7 @@ class Ring:
                 recv_reqs = [comm.Irecv([raw[a * isz : b * isz], MPI.BYTE], left, tag=s) for a, b in cks]
             next_sends = []
             for k, (a, b) in enumerate(cks):
-                recv_reqs[k].Wait()
+                self.waiter.waitall(recv_reqs[k : k + 1])
                 recv += (b - a) * isz
                 if reduce_step:
                     add(arr[a:b], tmp[a - lo : b - lo])
@@ -272,15 +324,17 @@ class Ring:
                     sent += (b - a) * isz
             # This step's sends must be complete before any later step may write the region
             # they read from (the all-gather overwrites it N-1 steps later).
-            MPI.Request.Waitall(send_reqs)
+            self.waiter.waitall(send_reqs)
             send_reqs = next_sends
-        MPI.Request.Waitall(send_reqs)
+        self.waiter.waitall(send_reqs)
         return sent, recv
 
     def _ring_unchunked(self, comm, arr, raw, tmp, bounds, add, divide, average) -> tuple[int, int]:
         """The same schedule when every segment fits in one chunk: nothing to pipeline inside
         a step, so each step is one blocking Sendrecv (a quarter of the Python-to-MPI calls of
-        the request-based path, which dominate at small sizes)."""
+        the request-based path, which dominate at small sizes); when polite, an Irecv/Isend
+        pair waited on politely."""
+        MPI = _mpi()
         N, r = self.size, self.rank
         isz = arr.itemsize
         right, left = (r + 1) % N, (r - 1) % N
@@ -290,27 +344,30 @@ class Ring:
             a, b = bounds[send_seg], bounds[send_seg + 1]
             lo, hi = bounds[seg], bounds[seg + 1]
             out = raw[a * isz : b * isz]
-            if s < N - 1:
-                into = tmp[: hi - lo].view(np.uint8)
+            into = tmp[: hi - lo].view(np.uint8) if s < N - 1 else raw[lo * isz : hi * isz]
+            if self.polite:
+                self.waiter.waitall([comm.Irecv(into, left, s), comm.Isend(out, right, s)])
+            else:
                 comm.Sendrecv(out, right, s, into, left, s)
+            if s < N - 1:
                 add(arr[lo:hi], tmp[: hi - lo])
                 if s == N - 2 and average:
                     divide(arr[lo:hi], N)
-            else:
-                comm.Sendrecv(out, right, s, raw[lo * isz : hi * isz], left, s)
             sent += (b - a) * isz
             recv += (hi - lo) * isz
         return sent, recv
 
 
-def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: int) -> None:
+def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: int, waiter: Waiter | None = None) -> None:
     """Collective agreement on one all-reduce's layout; raises RingMismatchError on every
     rank if any rank disagrees on element count, dtype, op, tensor name or call index.
 
     One Allreduce(MAX) of [h, -h] yields every field's max and -min in a single tiny
     collective; only when they differ are all headers gathered, to name the ranks. Because
     every rank blocks here until the last one arrives, the time spent here is this rank's
-    wait for the slowest peer (arrival skew).
+    wait for the slowest peer (arrival skew). The Allreduce is always the non-blocking kind,
+    completed by `waiter` (blocking if None): blocking and non-blocking collectives do not
+    match each other, and ranks may differ in how politely they wait at a given moment.
     """
     MPI = _mpi()
     size = comm.Get_size()
@@ -318,7 +375,7 @@ def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: i
     fields = [count, _DTYPES[dtype][0], OPS.index(op), name_hash, seq]
     both = np.array(fields + [-v for v in fields], dtype=np.int64)
     out = np.empty_like(both)
-    comm.Allreduce(both, out, op=MPI.MAX)
+    (waiter or _BLOCKING).waitall([comm.Iallreduce(both, out, op=MPI.MAX)])
     k = len(fields)
     got = out.tolist()
     if got[:k] == [-v for v in got[k:]]:

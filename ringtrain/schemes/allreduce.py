@@ -21,8 +21,14 @@ Timers (where they could lie):
   t_wait_peers    time the step's first all-reduce spent in its layout check, i.e. waiting
                   for the slowest rank to arrive.
 
+Waiting. While backward runs beside the exchange, a background thread that polls MPI at full
+speed takes the core from backward (on a node with one core per rank, half of it). With
+comm_wait "auto" (the default) the exchange therefore waits politely while backward runs
+(MPI_Test plus short sleeps, ringtrain.ring.Waiter) and at full speed from the end of
+backward, when nothing else is left to run. "spin" and "sleep" fix one mode for the whole step.
+
 Subclasses implement `_start(flat, name) -> handle` and `_wait(handle) -> (bytes_sent,
-bytes_recv)`. A handle with t_begin/t_end attributes (ringtrain.engine.Handle) reports its
+bytes_recv)`, and `_set_polite(flag)` if their exchange can wait politely. A handle with t_begin/t_end attributes (ringtrain.engine.Handle) reports its
 own execution time; for others the time from _start to the end of _wait is used.
 """
 from __future__ import annotations
@@ -86,7 +92,7 @@ def make_buckets(params, cap_bytes: int, staging=None) -> list[Bucket]:
 
 class BucketedAllreduce(Scheme):
     """Base for all-reduce schemes. Config keys: bucket_cap_mb (float, default 4),
-    overlap (bool, default True), op ("average")."""
+    overlap (bool, default True), comm_wait ("auto", "spin" or "sleep"; see module docstring)."""
 
     name = "allreduce-base"
     counts_bytes = "measured"  # or "cost model" where the library reports nothing
@@ -95,6 +101,9 @@ class BucketedAllreduce(Scheme):
         super().__init__(world, config)
         self.bucket_cap_mb = float(self.config.get("bucket_cap_mb", 4.0))
         self.overlap = bool(self.config.get("overlap", True))
+        self.comm_wait = self.config.get("comm_wait", "auto")
+        if self.comm_wait not in ("auto", "spin", "sleep"):
+            raise ValueError(f"comm_wait must be auto, spin or sleep, got {self.comm_wait!r}")
         self.buckets: list[Bucket] = []
         self._bucket_of = {}
         self._next_launch = 0
@@ -110,6 +119,11 @@ class BucketedAllreduce(Scheme):
 
     def _wait(self, handle) -> tuple[int, int]:
         raise NotImplementedError
+
+    def _set_polite(self, flag: bool) -> None:
+        """Called on the main thread: True when backward starts beside the exchange, False
+        when nothing else runs on this rank. Schemes whose library cannot wait politely
+        ignore it."""
 
     def _broadcast_comm(self):
         """Communicator for the initial broadcast (MPI); None to skip it."""
@@ -143,6 +157,7 @@ class BucketedAllreduce(Scheme):
         self._next_launch = 0
         for b in self.buckets:
             b.ready, b.handle, b.launched = 0, None, False
+        self._set_polite(self.comm_wait == "sleep" or (self.comm_wait == "auto" and self.overlap))
 
     def _on_grad_ready(self, p) -> None:
         # Runs inside autograd, on the thread that runs backward, once per parameter.
@@ -180,6 +195,8 @@ class BucketedAllreduce(Scheme):
 
     def end_backward(self) -> None:
         t_end_backward = now()
+        if self.comm_wait == "auto":
+            self._set_polite(False)  # backward is over: the exchange may have the core
         # Without overlap (or for gradients the hooks never saw), pack now.
         for b in self.buckets:
             if b.ready == len(b.params):
@@ -232,6 +249,7 @@ class BucketedAllreduce(Scheme):
             "num_buckets": len(self.buckets),
             "bucket_bytes": [b.nbytes for b in self.buckets],
             "overlap": self.overlap,
+            "comm_wait": self.comm_wait,
             "bytes_counted_by": self.counts_bytes,
             "staging": self.staging.kind if self.staging is not None else "none",
         }

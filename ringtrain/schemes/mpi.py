@@ -12,26 +12,37 @@ import time
 import numpy as np
 
 from ringtrain.engine import Engine
-from ringtrain.ring import CallStats, as_wire_array, check_layout
+from ringtrain.ring import CallStats, Waiter, as_wire_array, check_layout
 from ringtrain.schemes.allreduce import BucketedAllreduce
 
 
-def mpi_allreduce_average_(comm, buf, check=True, name=None, seq=0) -> None:
+def mpi_allreduce_average_(comm, buf, check=True, name=None, seq=0, waiter: Waiter | None = None) -> None:
     """In-place MPI_Allreduce(SUM) then divide by the world size. 16-bit types are summed in
-    float32 (MPI has no half-precision sum) and rounded back once. Collective."""
+    float32 (MPI has no half-precision sum) and rounded back once. Collective.
+
+    With a `waiter`, MPI_Iallreduce completed by it (politely or not, see Waiter) instead of
+    the blocking call. Every rank must pass a waiter or none alike: blocking and non-blocking
+    collectives do not match each other."""
     from mpi4py import MPI
 
     arr, dtype = as_wire_array(buf)
     if check:
-        check_layout(comm, arr.size, dtype, "average", name, seq)
+        check_layout(comm, arr.size, dtype, "average", name, seq, waiter)
     n = comm.Get_size()
+
+    def allreduce(a):
+        if waiter is not None:
+            waiter.waitall([comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)])
+        else:
+            comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
+
     if dtype in ("float32", "float64"):
-        comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
+        allreduce(arr)
         np.divide(arr, n, out=arr)
     else:
         t = buf.detach().reshape(-1)
         wide = t.float().contiguous()
-        comm.Allreduce(MPI.IN_PLACE, wide.numpy(), op=MPI.SUM)
+        allreduce(wide.numpy())
         t.copy_(wide.div_(n))
 
 
@@ -43,6 +54,9 @@ class MpiScheme(BucketedAllreduce):
         self.comm = self.world.comm.Dup()
         self.engine = Engine(f"ringtrain-mpi-{self.world.rank}")
         self.check = self.config.get("check", "always") == "always"
+        # Waiting politely needs the non-blocking MPI_Iallreduce on every rank for the whole
+        # run (it does not match the blocking kind), so the kind is fixed by the config.
+        self.waiter = None if self.comm_wait == "spin" else Waiter()
         self._seq = 0
         return super().setup(model, optimizer)
 
@@ -55,12 +69,16 @@ class MpiScheme(BucketedAllreduce):
             t0 = time.perf_counter()
             if self.check:
                 arr, dtype = as_wire_array(flat)
-                check_layout(self.comm, arr.size, dtype, "average", name, seq)
+                check_layout(self.comm, arr.size, dtype, "average", name, seq, self.waiter)
             t1 = time.perf_counter()
-            mpi_allreduce_average_(self.comm, flat, check=False)
+            mpi_allreduce_average_(self.comm, flat, check=False, waiter=self.waiter)
             handle.info["stats"] = CallStats(count=flat.numel(), t_wait_peers=t1 - t0, t_ring=time.perf_counter() - t1)
 
         return self.engine.submit(run)
+
+    def _set_polite(self, flag):
+        if self.waiter is not None:
+            self.waiter.polite = flag
 
     def _wait(self, handle):
         handle.wait()

@@ -24,6 +24,9 @@ class RingScheme(BucketedAllreduce):
             return self.ring.allreduce_async_(flat, op="average", name=name, before=lambda: self.wait_staged(flat))
         return self.ring.allreduce_async_(flat, op="average", name=name)
 
+    def _set_polite(self, flag):
+        self.ring.polite = flag
+
     def _wait(self, handle):
         handle.wait()
         s = handle.info["stats"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from ringtrain.ring import Ring, RingMismatchError
+from ringtrain.ring import DEFAULT_CHUNK_BYTES, Ring, RingMismatchError, Waiter
+from ringtrain.schemes.mpi import mpi_allreduce_average_
 
 WORLD = MPI.COMM_WORLD
 N = WORLD.Get_size()
@@ -22,11 +23,14 @@ def sizes(n):
     return sorted({0, 1, 2, max(0, n - 1), n, n + 1, 7, 13, 97, 1009, 4099})
 
 
-@pytest.fixture(scope="module", params=["world", "self"])
+@pytest.fixture(scope="module", params=["world", "self", "world-polite", "world-polite-unchunked"])
 def ring(request):
-    comm = WORLD if request.param == "world" else MPI.COMM_SELF
-    # A tiny chunk so that even small sizes go through the multi-chunk pipeline.
-    r = Ring(comm, chunk_bytes=64)
+    comm = MPI.COMM_SELF if request.param == "self" else WORLD
+    # A tiny chunk so that even small sizes go through the multi-chunk pipeline; the default
+    # chunk sends every size here through the one-message-per-step path. "polite" waits in
+    # MPI_Test plus sleeps (as during backward) instead of blocking calls.
+    chunk = DEFAULT_CHUNK_BYTES if request.param.endswith("unchunked") else 64
+    r = Ring(comm, chunk_bytes=chunk, polite="polite" in request.param)
     yield r
     r.close()
 
@@ -133,3 +137,38 @@ def test_mismatched_dtypes_and_order_raise(ring):
     name = "weights" if ring.rank == 0 else "bias"
     with pytest.raises(RingMismatchError, match="tensor names"):
         ring.allreduce_(torch.ones(8), name=name)
+
+
+def test_polite_wait_switched_off_midway_completes(ring):
+    """Rank 0 arrives late; the others wait politely until another thread switches them to
+    full-speed waiting (as end_backward does) while their wait is in flight."""
+    import threading
+    import time
+
+    was = ring.polite
+    ring.polite = True
+    try:
+        if ring.rank == 0:
+            time.sleep(0.05)
+            timer = None
+        else:
+            timer = threading.Timer(0.01, lambda: setattr(ring, "polite", False))
+            timer.start()
+        t = torch.full((4099,), float(ring.rank + 1))
+        ring.allreduce_(t, op="sum")
+        assert torch.all(t == ring.size * (ring.size + 1) / 2)
+        if timer is not None:
+            timer.join()
+            assert ring.polite is False
+    finally:
+        ring.polite = was
+
+
+@pytest.mark.parametrize("polite", [False, True], ids=["blocking", "polite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mpi_scheme_allreduce_average_matches_closed_form(polite, dtype):
+    for count in sizes(N):
+        x = (torch.arange(count) % 5).to(dtype) * (R + 1)
+        mpi_allreduce_average_(WORLD, x, name="t", waiter=Waiter(True) if polite else None)
+        expect = ((torch.arange(count) % 5).double() * (N + 1) / 2).to(dtype)
+        assert torch.equal(x, expect), f"count {count}"
