@@ -50,21 +50,30 @@ def _make_backends(names, world, args):
     made = []
     for name in names:
         if name == "ring":
-            ring = Ring(world.comm, chunk_bytes=args.chunk_bytes, check=args.check)
+            ring = Ring(world.comm, chunk_bytes=args.chunk_bytes, check=args.check, polite=args.comm_wait == "sleep")
             made.append(_Backend("ring", lambda t, ring=ring: ring.allreduce_(t, op=args.op), ring.close))
         elif name == "mpi":
             from ringtrain.schemes.mpi import mpi_allreduce_average_
 
+            from ringtrain.ring import Waiter
+
             comm = world.comm.Dup()
+            waiter = Waiter(True) if args.comm_wait == "sleep" else None  # the same waiting as the ring
+
+            def allreduce_sum(a, comm=comm):
+                if waiter is not None:
+                    waiter.waitall([comm.Iallreduce(MPI.IN_PLACE, a, op=MPI.SUM)])
+                else:
+                    comm.Allreduce(MPI.IN_PLACE, a, op=MPI.SUM)
 
             def mpi_op(t, comm=comm):
                 if args.op == "average":
-                    mpi_allreduce_average_(comm, t, check=False)
+                    mpi_allreduce_average_(comm, t, check=False, waiter=waiter)
                 elif t.dtype in (torch.float32, torch.float64):
-                    comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
+                    allreduce_sum(t.numpy())
                 else:
                     wide = t.float()
-                    comm.Allreduce(MPI.IN_PLACE, wide.numpy(), op=MPI.SUM)
+                    allreduce_sum(wide.numpy())
                     t.copy_(wide)
 
             made.append(_Backend("mpi", mpi_op, comm.Free))
@@ -284,7 +293,13 @@ def bench_train(args) -> dict:
             world.comm.Allreduce(MPI.IN_PLACE, v, op=MPI.SUM)
             phases[k] = float(v[0] / world.size)
         samples = args.batch_size * tr.scheme.num_workers * len(steps)
+        # Per-round time (sum of the round's steps): rounds of different backends that ran
+        # next to each other are compared pairwise below, which cancels slow drifts of the
+        # machine's speed that a median over the whole run would keep.
+        k = args.steps_per_round
+        round_s = [float(slowest[i * k : (i + 1) * k].sum()) for i in range(len(slowest) // k)]
         results[name] = {
+            "round_s": round_s,
             "median_step_s": float(np.median(slowest)),
             "samples_per_s": samples / float(np.sum(slowest)),
             "samples_per_s_median": args.batch_size * tr.scheme.num_workers / float(np.median(slowest)),
@@ -302,8 +317,13 @@ def bench_train(args) -> dict:
             print(f"  {name:<12}{1e3 * r['median_step_s']:>9.2f}{r['samples_per_s_median']:>11.1f}{1e3 * r['median_t_forward']:>8.2f}{1e3 * r['median_t_backward']:>8.2f}"
                   f"{1e3 * r['median_t_comm']:>8.2f}{1e3 * r['median_t_comm_exposed']:>9.2f}{1e3 * r['median_t_optimizer']:>7.2f}")
         first = names[0]
+        print(f"  samples/s {first} / other: ratio of medians; paired: median [quartiles] over rounds of the ratio within a round")
         for name in names[1:]:
-            print(f"  samples/s {first} / {name}: {results[first]['samples_per_s_median'] / results[name]['samples_per_s_median']:.3f}")
+            paired = np.array(results[name]["round_s"]) / np.array(results[first]["round_s"])
+            q1, med, q3 = np.percentile(paired, [25, 50, 75])
+            results[name][f"paired_ratio_{first}"] = {"median": float(med), "q1": float(q1), "q3": float(q3)}
+            print(f"  samples/s {first} / {name}: {results[first]['samples_per_s_median'] / results[name]['samples_per_s_median']:.3f}"
+                  f"   paired {med:.3f} [{q1:.3f}, {q3:.3f}]")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": {k: v for k, v in vars(args).items() if k != "func"}, "nranks": world.size, "results": results}, f, indent=2, default=str)

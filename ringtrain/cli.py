@@ -155,6 +155,7 @@ def add_bench_parser(sub):
     a.add_argument("--warmup", type=_nonneg_int, default=3, help="untimed iterations first")
     a.add_argument("--op", default="sum", choices=("sum", "average"))
     a.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk")
+    a.add_argument("--comm-wait", default="spin", choices=("spin", "sleep"), help="how ring and mpi wait: blocking MPI calls (spin), or MPI_Test plus sleeps, as during backward in training (sleep)")
     a.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="the ring's per-call agreement on sizes (on by default, as in training)")
     a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong)")
     a.set_defaults(func=_run_bench, bench="allreduce")

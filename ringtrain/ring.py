@@ -26,6 +26,7 @@ Only buffer-based MPI calls carry data (no pickle).
 """
 from __future__ import annotations
 
+import functools
 import time
 import zlib
 from dataclasses import dataclass
@@ -113,6 +114,10 @@ def _mpi():
     return MPI
 
 
+_NUMPY_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64", np.dtype(np.float16): "float16"}
+_TORCH_NAMES: dict = {}  # torch.float32 -> "float32", ...; filled on first use (torch is imported lazily)
+
+
 def as_wire_array(buf) -> tuple[np.ndarray, str]:
     """A 1-D numpy view of `buf`'s memory (no copy) and its dtype name.
 
@@ -122,12 +127,14 @@ def as_wire_array(buf) -> tuple[np.ndarray, str]:
     if isinstance(buf, np.ndarray):
         if not buf.flags.c_contiguous:
             raise TypeError("ring all-reduce needs a C-contiguous array (it reduces in place)")
-        name = buf.dtype.name
-        if name not in _DTYPES or name == "bfloat16":
+        name = _NUMPY_NAMES.get(buf.dtype)
+        if name is None:
             raise TypeError(f"ring all-reduce supports {sorted(_DTYPES)}, got numpy {buf.dtype}")
         return buf.reshape(-1), name
     import torch
 
+    if not _TORCH_NAMES:
+        _TORCH_NAMES.update({getattr(torch, name): name for name in _DTYPES})
     if not isinstance(buf, torch.Tensor):
         raise TypeError(f"ring all-reduce takes a numpy array or torch tensor, got {type(buf).__name__}")
     if buf.device.type != "cpu":
@@ -138,14 +145,15 @@ def as_wire_array(buf) -> tuple[np.ndarray, str]:
     if not buf.is_contiguous():
         raise TypeError("ring all-reduce needs a contiguous tensor (it reduces in place)")
     t = buf.detach()
-    name = str(t.dtype).replace("torch.", "")
-    if name not in _DTYPES:
+    name = _TORCH_NAMES.get(t.dtype)
+    if name is None:
         raise TypeError(f"ring all-reduce supports {sorted(_DTYPES)}, got {t.dtype}")
     if name == "bfloat16":
         return t.view(torch.int16).numpy().view(np.uint16).reshape(-1), name
     return t.numpy().reshape(-1), name
 
 
+@functools.lru_cache(maxsize=None)
 def _reducer(dtype: str):
     """(add(dst, src), scale(dst, n)) for a wire dtype; both in place on numpy views."""
     if dtype in ("float32", "float64"):
@@ -175,6 +183,12 @@ def _reducer(dtype: str):
         v.copy_(v.float().div_(n))
 
     return add16, divide16
+
+
+@functools.lru_cache(maxsize=1024)
+def _bounds(n: int, N: int) -> tuple[int, ...]:
+    """Segment boundaries: segment i is [b[i], b[i+1]); sizes differ by at most one element."""
+    return tuple((i * n) // N for i in range(N + 1))
 
 
 class Ring:
@@ -276,14 +290,14 @@ class Ring:
         MPI = _mpi()
         comm, N, r = self.comm, self.size, self.rank
         n, isz = arr.size, arr.itemsize
-        bounds = [(i * n) // N for i in range(N + 1)]
+        bounds = _bounds(n, N)
         chunk = max(1, self.chunk_bytes // isz)
         right, left = (r + 1) % N, (r - 1) % N
         nsteps = 2 * (N - 1)
         add, divide = _reducer(dtype)
         raw = arr.view(np.uint8)  # bytes go on the wire: [buffer, MPI.BYTE] works for every dtype
 
-        max_seg = max(bounds[i + 1] - bounds[i] for i in range(N))
+        max_seg = bounds[-1] - bounds[-2]  # segments grow by at most one element, the last is largest
         if self._tmp.nbytes < max_seg * isz:
             self._tmp = np.empty(max_seg * isz, dtype=np.uint8)
         tmp = self._tmp[: max_seg * isz].view(arr.dtype)

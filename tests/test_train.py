@@ -45,13 +45,15 @@ def test_ring_mpi_ddp_end_with_the_same_parameters(tmp_path):
     assert max_rel_diff(finals["ring"], finals["ddp"]) < 1e-5
 
 
-def test_no_overlap_gives_the_same_parameters_as_overlap(tmp_path):
-    for mode in ("overlap", "no-overlap"):
-        flags = ["--no-overlap"] if mode == "no-overlap" else []
+def test_no_overlap_and_every_wait_mode_give_the_same_parameters_as_overlap(tmp_path):
+    modes = {"overlap": [], "no-overlap": ["--no-overlap"], "spin": ["--comm-wait", "spin"], "sleep": ["--comm-wait", "sleep"]}
+    for mode, flags in modes.items():
         ok(train(2, "--model", "mlp", "--steps", "8", "--save-every", "0", "--bucket-cap-mb", "0.05", *flags,
                  "--snapshot", str(tmp_path / f"{mode}.pt"), "--run-dir", str(tmp_path / mode)))
-    a, b = params(tmp_path / "overlap.pt"), params(tmp_path / "no-overlap.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = params(tmp_path / "overlap.pt")
+    for mode in modes:
+        b = params(tmp_path / f"{mode}.pt")
+        assert all(torch.equal(a[k], b[k]) for k in a), mode
 
 
 def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_one(tmp_path):

@@ -28,8 +28,9 @@ comm_wait "auto" (the default) the exchange therefore waits politely while backw
 backward, when nothing else is left to run. "spin" and "sleep" fix one mode for the whole step.
 
 Subclasses implement `_start(flat, name) -> handle` and `_wait(handle) -> (bytes_sent,
-bytes_recv)`, and `_set_polite(flag)` if their exchange can wait politely. A handle with t_begin/t_end attributes (ringtrain.engine.Handle) reports its
-own execution time; for others the time from _start to the end of _wait is used.
+bytes_recv)`, and `_set_polite(flag)` if their exchange can wait politely. A handle with
+t_begin/t_end attributes (ringtrain.engine.Handle) reports its own execution time; for
+others the time from _start to the end of _wait is used.
 """
 from __future__ import annotations
 
