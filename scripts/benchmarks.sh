@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 15 minutes on 2 cores).
+# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 20 minutes on 2 cores).
 # Each command alternates its backends inside one MPI job; ratios come from the same run.
 #   OUT=bench-results bash scripts/benchmarks.sh
 set -euo pipefail
@@ -15,14 +15,15 @@ run() { echo "\$ $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | grep -v Warning | tee 
 # 1. all-reduce bandwidth: ring vs MPI_Allreduce vs torch gloo, N=2 and N=4
 for n in 2 4; do
     run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
-        --sizes 64K,256K,1M,4M,16M,64M --iters 20 --json "$OUT/allreduce-n$n.json"
+        --sizes 64K,256K,1M,4M,16M,64M --iters 50 --json "$OUT/allreduce-n$n.json"
 done
 # 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2
-run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,mpi,ddp --model resnet18 \
-    --batch-size 32 --rounds 4 --steps-per-round 3 --threads 1 --json "$OUT/train-resnet18-n2.json"
+#    (ring+spin: the ring polling MPI at full speed during backward, the old default)
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,mpi,ddp,ring+spin --model resnet18 \
+    --batch-size 32 --rounds 12 --steps-per-round 2 --warmup 1 --threads 1 --json "$OUT/train-resnet18-n2.json"
 # 3. overlap on a communication-heavy MLP: exposed vs issued communication, with and without overlap
-run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+nooverlap --model mlp-wide \
-    --synthetic-shape 1,8,8 --batch-size 64 --rounds 6 --steps-per-round 5 --threads 1 --json "$OUT/train-overlap-n2.json"
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+spin,ring+nooverlap --model mlp-wide \
+    --synthetic-shape 1,8,8 --batch-size 64 --rounds 10 --steps-per-round 5 --threads 1 --json "$OUT/train-overlap-n2.json"
 # 4. what the HDF5 step log costs: the same training with and without it
 run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+nolog --model cnn \
     --synthetic-shape 1,8,8 --batch-size 32 --rounds 30 --steps-per-round 20 --threads 1 --json "$OUT/train-logcost-n2.json"

@@ -27,7 +27,9 @@
 # MODEL (mlp-wide) DATASET (digits) BATCH_SIZE (32) STEPS (25) SKIP (5 warm-up steps left out)
 # TRAIN_ARGS ("--no-overlap --bucket-cap-mb 64": one all-reduce of the whole gradient after
 # backward, so t_comm is communication alone, as in the cost model)
-# BENCH_SIZES (1M,16M,64M) BENCH_ITERS (5) RINGTRAIN_PYTHON (.venv/bin/python or python3).
+# BENCH_SIZES (1M,16M,64M) BENCH_ITERS (5) BENCH_WAIT (sleep: ranks wait in MPI_Test plus
+# sleeps, so that with more ranks than cores a waiting rank leaves the core to one that has
+# data to move; spin: blocking MPI calls) RINGTRAIN_PYTHON (.venv/bin/python or python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HOME_DIR=$(pwd)
@@ -45,6 +47,7 @@ SKIP=${SKIP:-5}
 TRAIN_ARGS=${TRAIN_ARGS:---no-overlap --bucket-cap-mb 64}
 BENCH_SIZES=${BENCH_SIZES:-1M,16M,64M}
 BENCH_ITERS=${BENCH_ITERS:-5}
+BENCH_WAIT=${BENCH_WAIT:-sleep}
 PREFIX=${CLUSTER_PREFIX:-rtps}
 if [ -z "${RINGTRAIN_PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then RINGTRAIN_PYTHON=$HOME_DIR/.venv/bin/python; else RINGTRAIN_PYTHON=$(command -v python3); fi
@@ -72,7 +75,7 @@ run() {  # run NAME NRANKS ARGS...: one mpirun, output kept in OUT/NAME.log
 
 for n in $NS; do
     run "bench-n$n" "$n" bench allreduce --backends ring,mpi --sizes "$BENCH_SIZES" --iters "$BENCH_ITERS" \
-        --json "$OUT/bench-n$n.json"
+        --comm-wait "$BENCH_WAIT" --json "$OUT/bench-n$n.json"
 done
 
 # shellcheck disable=SC2206
