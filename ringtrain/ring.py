@@ -27,6 +27,7 @@ Only buffer-based MPI calls carry data (no pickle).
 from __future__ import annotations
 
 import functools
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -64,27 +65,38 @@ class Waiter:
     when nothing else wants the core). polite True: MPI_Testall calls (each also drives MPI's
     progress engine) separated by sleeps growing from POLL_FIRST_S to POLL_MAX_S, which leave
     the core to a backward pass running beside the exchange on the same rank. The flag may be
-    flipped from another thread at any time: a polite wait re-reads it after every sleep, so
-    switching it off (at the end of backward) returns an in-flight wait to full speed within
-    POLL_MAX_S.
+    set from another thread at any time; switching it off (at the end of backward) also wakes
+    a polite wait in flight, which then finishes at full speed.
     """
 
-    __slots__ = ("polite",)
+    __slots__ = ("_fast",)
 
     def __init__(self, polite: bool = False):
-        self.polite = bool(polite)
+        self._fast = threading.Event()  # set: wait at full speed; also the sleep to wake from
+        self.polite = polite
+
+    @property
+    def polite(self) -> bool:
+        return not self._fast.is_set()
+
+    @polite.setter
+    def polite(self, value: bool) -> None:
+        if value:
+            self._fast.clear()
+        else:
+            self._fast.set()
 
     def waitall(self, reqs) -> None:
         MPI = _mpi()
-        if not self.polite:
+        fast = self._fast
+        if fast.is_set():
             MPI.Request.Waitall(reqs)
             return
         delay = POLL_FIRST_S
         while not MPI.Request.Testall(reqs):
-            if not self.polite:
+            if fast.wait(delay):  # woken: switched to full speed
                 MPI.Request.Waitall(reqs)
                 return
-            time.sleep(delay)
             delay = min(2 * delay, POLL_MAX_S)
 
 
