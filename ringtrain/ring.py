@@ -89,18 +89,25 @@ class Waiter:
     def waitall(self, reqs) -> None:
         MPI = _mpi()
         fast = self._fast
-        if fast.is_set():
-            MPI.Request.Waitall(reqs)
-            return
-        delay = POLL_FIRST_S
-        while not MPI.Request.Testall(reqs):
-            if fast.wait(delay):  # woken: switched to full speed
-                MPI.Request.Waitall(reqs)
+        statuses = [MPI.Status() for _ in reqs]
+        try:
+            if fast.is_set():
+                MPI.Request.Waitall(reqs, statuses)
                 return
-            delay = min(2 * delay, POLL_MAX_S)
-
-
-_BLOCKING = Waiter(False)
+            delay = POLL_FIRST_S
+            while not MPI.Request.Testall(reqs, statuses):
+                if fast.wait(delay):  # woken: switched to full speed
+                    MPI.Request.Waitall(reqs, statuses)
+                    return
+                delay = min(2 * delay, POLL_MAX_S)
+        except MPI.Exception as e:
+            # A list call reports ERR_IN_STATUS; raise the request's own error instead (e.g.
+            # ERR_PROC_FAILED under ULFM, which the elastic scheme recovers from).
+            if e.Get_error_class() == MPI.ERR_IN_STATUS:
+                for st in statuses:
+                    if st.Get_error() not in (MPI.SUCCESS, MPI.ERR_PENDING):
+                        raise MPI.Exception(st.Get_error()) from e
+            raise
 
 
 class RingMismatchError(ValueError):
@@ -213,7 +220,11 @@ class Ring:
                  waited for the slowest one. "never": skip it (saves a few µs per call).
 
     polite       how the ring waits for its peers (see Waiter); an attribute that the owner
-                 may flip at any time, e.g. on while backward computes beside the ring.
+                 may flip at any time, e.g. on while backward computes beside the ring. The
+                 constructor's value also fixes the kind of the layout check's collective on
+                 this ring: non-blocking (waited on politely or not) when constructed polite,
+                 the blocking MPI_Allreduce otherwise, which costs a third as much on one
+                 node. Every rank must construct its ring alike: the two kinds do not match.
     """
 
     def __init__(self, comm=None, chunk_bytes: int = DEFAULT_CHUNK_BYTES, check: str = "always", polite: bool = False):
@@ -226,6 +237,7 @@ class Ring:
         self.chunk_bytes = int(chunk_bytes)
         self.check = check
         self.waiter = Waiter(polite)
+        self._check_waiter = self.waiter if polite else None  # fixed for the ring's life, see above
         self.calls = 0  # calls submitted so far (identical on every rank when used correctly)
         self.bytes_sent = 0  # running totals over all calls
         self.bytes_recv = 0
@@ -288,7 +300,7 @@ class Ring:
         return buf
 
     def _check_layout(self, count, dtype, op, name, seq) -> None:
-        check_layout(self.comm, count, dtype, op, name, seq, self.waiter)
+        check_layout(self.comm, count, dtype, op, name, seq, self._check_waiter)
 
     @property
     def polite(self) -> bool:
@@ -391,9 +403,10 @@ def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: i
     One Allreduce(MAX) of [h, -h] yields every field's max and -min in a single tiny
     collective; only when they differ are all headers gathered, to name the ranks. Because
     every rank blocks here until the last one arrives, the time spent here is this rank's
-    wait for the slowest peer (arrival skew). The Allreduce is always the non-blocking kind,
-    completed by `waiter` (blocking if None): blocking and non-blocking collectives do not
-    match each other, and ranks may differ in how politely they wait at a given moment.
+    wait for the slowest peer (arrival skew). With a `waiter` the Allreduce is the
+    non-blocking kind, completed by the waiter (politely or not, whatever it is set to when
+    the call comes); without one, the blocking kind. Every rank must pass a waiter or none
+    alike: blocking and non-blocking collectives do not match each other.
     """
     MPI = _mpi()
     size = comm.Get_size()
@@ -401,7 +414,10 @@ def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: i
     fields = [count, _DTYPES[dtype][0], OPS.index(op), name_hash, seq]
     both = np.array(fields + [-v for v in fields], dtype=np.int64)
     out = np.empty_like(both)
-    (waiter or _BLOCKING).waitall([comm.Iallreduce(both, out, op=MPI.MAX)])
+    if waiter is None:
+        comm.Allreduce(both, out, op=MPI.MAX)
+    else:
+        waiter.waitall([comm.Iallreduce(both, out, op=MPI.MAX)])
     k = len(fields)
     got = out.tolist()
     if got[:k] == [-v for v in got[k:]]:

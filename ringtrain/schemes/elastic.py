@@ -182,7 +182,7 @@ class ElasticRingScheme(RingScheme):
 
         survivors.Set_errhandler(MPI.ERRORS_RETURN)
         self.comm = survivors
-        self.ring = Ring(survivors, chunk_bytes=self.ring.chunk_bytes, check=self.ring.check)
+        self.ring = Ring(survivors, chunk_bytes=self.ring.chunk_bytes, check=self.ring.check, polite=self.comm_wait != "spin")
         self.worker_rank, self.num_workers = survivors.Get_rank(), survivors.Get_size()
         # The failed step's update was applied nowhere (the commit failed everywhere), so the
         # survivors' parameters already agree; broadcasting makes that a guarantee.

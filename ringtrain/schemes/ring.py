@@ -15,6 +15,7 @@ class RingScheme(BucketedAllreduce):
             self.world.comm,
             chunk_bytes=int(self.config.get("chunk_bytes", DEFAULT_CHUNK_BYTES)),
             check=self.config.get("check", "always"),
+            polite=self.comm_wait != "spin",  # same on every rank: it fixes the check's collective kind
         )
         return super().setup(model, optimizer)
 
