@@ -215,7 +215,7 @@ class Ring:
 
     chunk_bytes  pipeline chunk size in bytes.
     check        "always": every call first agrees on (count, dtype, op, name, call index)
-                 with one tiny MPI_Iallreduce, so a mismatch raises RingMismatchError on every
+                 with one tiny MPI_Allreduce, so a mismatch raises RingMismatchError on every
                  rank instead of hanging, and the time spent there measures how long this rank
                  waited for the slowest one. "never": skip it (saves a few µs per call).
 
