@@ -20,17 +20,7 @@ import time
 import numpy as np
 import torch
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper()
-    num = t.rstrip("KMGIB")
-    unit = t[len(num):]
-    if not num or unit not in _UNITS:
-        raise ValueError(f"cannot read size {text!r}: use bytes with an optional K, M or G suffix, e.g. 64K,1M,16M")
-    return int(float(num) * _UNITS[unit])
-
+from ringtrain.cli import parse_size
 
 # ---------------------------------------------------------------------------- all-reduce
 

@@ -36,10 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    unit = t[len(num):]
+    if not num or unit not in _UNITS:
+        raise ValueError(f"cannot read size {text!r}: use bytes with an optional K, M or G suffix, e.g. 64K,1M,16M")
+    return int(float(num) * _UNITS[unit])
+
+
 def _positive_int(text):
     v = int(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return v
+
+
+def _chunk_size(text):
+    """--chunk-bytes: "auto" (None: chosen by locality, see ringtrain.ring.Ring), or a size in
+    bytes with an optional K/M/G suffix; 0 sends each ring segment whole."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        v = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return v
 
 
@@ -106,7 +132,7 @@ def add_train_parser(sub):
     g.add_argument("--bucket-cap-mb", type=_positive_float, default=4.0, help="bucket size for fused all-reduces, like DDP's bucket_cap_mb")
     g.add_argument("--no-overlap", dest="overlap", action="store_false", help="exchange after backward instead of during it (clean measurement)")
     g.add_argument("--comm-wait", default="auto", choices=("auto", "spin", "sleep"), help="how ring and mpi wait for peers: 'spin' polls MPI at full speed; 'sleep' tests and sleeps, leaving the core to backward; 'auto' sleeps while backward runs and spins after it")
-    g.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk size in bytes")
+    g.add_argument("--chunk-bytes", type=_chunk_size, default=None, metavar="SIZE|auto", help="ring pipeline chunk, e.g. 1M; 0 sends each segment whole; auto (the default): whole segments when all ranks share one node, 1M when the ring crosses nodes")
     g.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="agree on every all-reduce's size/dtype/order first (catches mismatches instead of hanging; measures arrival skew)")
     g.add_argument("--ps-servers", type=_nonneg_int, default=1, help="parameter server (ps-sync: average N gradients, one optimizer step; ps-async: apply each push, then reply; ps-async-reply-first: reply at once, apply queued pushes under a lock; ps-hogwild: lock-free MPI_Accumulate into RMA windows): this many dedicated server ranks (ranks 0..K-1, one shard each); 0 = colocated, shards served from worker ranks' background threads")
     g.add_argument("--ps-shards", type=_nonneg_int, default=0, help="parameter shards, balanced by bytes (0: one per dedicated server, or 1 when colocated)")
@@ -154,7 +180,7 @@ def add_bench_parser(sub):
     a.add_argument("--iters", type=_positive_int, default=20, help="timed iterations per backend and size")
     a.add_argument("--warmup", type=_nonneg_int, default=3, help="untimed iterations first")
     a.add_argument("--op", default="sum", choices=("sum", "average"))
-    a.add_argument("--chunk-bytes", type=_positive_int, default=1 << 20, help="ring pipeline chunk")
+    a.add_argument("--chunk-bytes", type=_chunk_size, default=None, metavar="SIZE|auto", help="ring pipeline chunk, e.g. 1M; 0 sends each segment whole; auto (the default): whole segments on one node, 1M across nodes")
     a.add_argument("--comm-wait", default="spin", choices=("spin", "sleep"), help="how ring and mpi wait: blocking MPI calls (spin), or MPI_Test plus sleeps, as during backward in training (sleep)")
     a.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="the ring's per-call agreement on sizes (on by default, as in training)")
     a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong)")

@@ -24,7 +24,7 @@ import time
 import numpy as np
 from mpi4py import MPI
 
-from ringtrain.bench import parse_size
+from ringtrain.cli import parse_size
 from ringtrain.ring import Ring
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from ringtrain import cluster
 from ringtrain.cluster import ClusterError, parse_latency, parse_rate, plan
+from ringtrain.ring import DEFAULT_CHUNK_BYTES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "rttest"
@@ -115,8 +116,12 @@ PROBE = textwrap.dedent("""
     import socket, time
     import numpy as np
     from mpi4py import MPI
+    from ringtrain.ring import Ring
     c = MPI.COMM_WORLD
     names = c.allgather(socket.gethostname())
+    ring = Ring(c)  # its default chunk is chosen by locality
+    chunk = ring.chunk_bytes
+    ring.close()
     n = 8 << 20
     a, b = np.ones(n, np.uint8), np.empty(n, np.uint8)
     best = float("inf")
@@ -129,6 +134,7 @@ PROBE = textwrap.dedent("""
     if c.rank == 0:
         print("HOSTS", " ".join(names))
         print("MBITS", n * 8 / best / 1e6)
+        print("CHUNK", chunk)
 """)
 
 
@@ -151,6 +157,8 @@ def test_mpirun_across_rate_limited_hosts(tmp_path):
         mbits = float(re.search(r"MBITS (\S+)", p.stdout).group(1))
         # Each way at once over a full-duplex link: near the configured rate, never above it.
         assert 0.7 * 200 < mbits < 1.02 * 200, f"{mbits:.1f} Mbit/s each way on a {RATE} link"
+        # Across hosts the ring pipelines its segments (on one node it sends them whole).
+        assert int(re.search(r"CHUNK (\d+)", p.stdout).group(1)) == DEFAULT_CHUNK_BYTES
 
         st = _cli("status", "--prefix", PREFIX, "--dir", d).stdout
         rows = {line.split()[0]: line.split() for line in st.splitlines() if line.startswith("node")}

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ringtrain.engine import Engine
-from ringtrain.ring import DEFAULT_CHUNK_BYTES, Ring
+from ringtrain.ring import Ring
 
 # Reduction ops. Same values as Horovod's, so either module's constants work with either.
 Average = 0
@@ -119,7 +119,8 @@ class _State:
         sizes = np.empty(self.size, dtype=np.int64)
         comm.Allgather(np.array([self.local_size], dtype=np.int64), sizes)
         self.homogeneous = bool((sizes == sizes[0]).all())
-        chunk = int(os.environ.get("RINGTRAIN_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        chunk = os.environ.get("RINGTRAIN_CHUNK_BYTES")  # unset: chosen by locality, see Ring
+        chunk = int(chunk) if chunk else None
         self.ring = Ring(comm, chunk_bytes=chunk, check="never")  # headers are agreed here instead
         self.ctrl = comm.Dup()  # headers, and the non-ring collectives
         self.engine = Engine(f"ringtrain-horovod-{self.rank}")

@@ -1,19 +1,19 @@
 """`--backend ring`: gradients averaged with ringtrain's own pure mpi4py ring (ringtrain/ring.py)."""
 from __future__ import annotations
 
-from ringtrain.ring import DEFAULT_CHUNK_BYTES, Ring
+from ringtrain.ring import Ring
 from ringtrain.schemes.allreduce import BucketedAllreduce
 
 
 class RingScheme(BucketedAllreduce):
-    """Config: chunk_bytes (pipeline chunk), check ("always"|"never"), plus the bucket options."""
+    """Config: chunk_bytes (pipeline chunk; None: chosen by locality, see Ring), check ("always"|"never"), plus the bucket options."""
 
     name = "ring"
 
     def setup(self, model, optimizer):
         self.ring = Ring(
             self.world.comm,
-            chunk_bytes=int(self.config.get("chunk_bytes", DEFAULT_CHUNK_BYTES)),
+            chunk_bytes=self.config.get("chunk_bytes"),
             check=self.config.get("check", "always"),
             polite=self.comm_wait != "spin",  # same on every rank: it fixes the check's collective kind
         )

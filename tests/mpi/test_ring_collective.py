@@ -23,13 +23,13 @@ def sizes(n):
     return sorted({0, 1, 2, max(0, n - 1), n, n + 1, 7, 13, 97, 1009, 4099})
 
 
-@pytest.fixture(scope="module", params=["world", "self", "world-polite", "world-polite-unchunked"])
+@pytest.fixture(scope="module", params=["world", "self", "world-polite", "world-polite-unchunked", "world-default"])
 def ring(request):
     comm = MPI.COMM_SELF if request.param == "self" else WORLD
-    # A tiny chunk so that even small sizes go through the multi-chunk pipeline; the default
-    # chunk sends every size here through the one-message-per-step path. "polite" waits in
-    # MPI_Test plus sleeps (as during backward) instead of blocking calls.
-    chunk = DEFAULT_CHUNK_BYTES if request.param.endswith("unchunked") else 64
+    # A tiny chunk so that even small sizes go through the multi-chunk pipeline; a large one
+    # sends every size here through the one-message-per-step path, as does the default on one
+    # node. "polite" waits in MPI_Test plus sleeps (as during backward) instead of blocking calls.
+    chunk = {"world-polite-unchunked": DEFAULT_CHUNK_BYTES, "world-default": None}.get(request.param, 64)
     r = Ring(comm, chunk_bytes=chunk, polite="polite" in request.param)
     yield r
     r.close()
@@ -102,6 +102,23 @@ def test_counts_exact_bytes(ring):
             assert abs(sent - 2 * (n - 1) / n * S) <= 2 * (n - 1) * 4
         if n == 1:
             assert sent == recv == 0
+
+
+def test_default_chunk_follows_locality_and_large_buffers_reduce():
+    # Every rank of this job is on one node: the default ring sends segments whole. (Across
+    # nodes it pipelines in DEFAULT_CHUNK_BYTES chunks: tests/test_cluster.py checks that.)
+    for chunk, expect in ((None, 0), (0, 0), (DEFAULT_CHUNK_BYTES, DEFAULT_CHUNK_BYTES)):
+        r = Ring(WORLD, chunk_bytes=chunk)
+        assert r.chunk_bytes == expect
+        count = 1_000_003  # 4 MB, prime: segments of unequal size, each over one chunk at N < 4
+        x = torch.full((count,), float(R + 1))
+        x[-1] = -2.0 * (R + 1)
+        r.allreduce_(x, op="sum")
+        total = N * (N + 1) / 2
+        assert torch.all(x[:-1] == total) and x[-1] == -2 * total
+        r.close()
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Ring(MPI.COMM_SELF, chunk_bytes=-1)
 
 
 def test_async_handles_overlap_and_complete_in_order(ring):
