@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 20 minutes on 2 cores).
+# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 30 minutes on 2 cores).
 # Each command alternates its backends inside one MPI job; ratios come from the same run.
 #   OUT=bench-results bash scripts/benchmarks.sh
 set -euo pipefail
@@ -17,10 +17,12 @@ for n in 2 4; do
     run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
         --sizes 64K,256K,1M,4M,16M,64M --iters 50 --json "$OUT/allreduce-n$n.json"
 done
-# 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2
-#    (ring+spin: the ring polling MPI at full speed during backward, the old default)
-run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,mpi,ddp,ring+spin --model resnet18 \
-    --batch-size 32 --rounds 12 --steps-per-round 2 --warmup 1 --threads 1 --json "$OUT/train-resnet18-n2.json"
+# 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2;
+#    then the ring against itself polling MPI at full speed during backward (ring+spin)
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ddp,mpi --model resnet18 \
+    --batch-size 32 --rounds 24 --steps-per-round 2 --warmup 1 --threads 1 --json "$OUT/train-resnet18-n2.json"
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+spin --model resnet18 \
+    --batch-size 32 --rounds 12 --steps-per-round 2 --warmup 1 --threads 1 --json "$OUT/train-resnet18-spin-n2.json"
 # 3. overlap on a communication-heavy MLP: exposed vs issued communication, with and without overlap
 run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+spin,ring+nooverlap --model mlp-wide \
     --synthetic-shape 1,8,8 --batch-size 64 --rounds 10 --steps-per-round 5 --threads 1 --json "$OUT/train-overlap-n2.json"
