@@ -166,6 +166,7 @@ def bench_allreduce(args) -> list[dict]:
                 "backend": b.name, "nranks": n, "size_bytes": nbytes, "count": count, "dtype": args.dtype, "op": args.op,
                 "time_s": t, "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n if n > 1 else algbw,
                 "wrong": int(wsum[0]), "iters": args.iters,
+                "times_s": slowest.tolist(),  # per iteration, slowest rank: pairs with other backends' by index
             }
             rows.append(row)
             if world.rank == 0:
@@ -182,15 +183,23 @@ def bench_allreduce(args) -> list[dict]:
 
 
 def _print_ratios(rows, names):
+    """Ring's busbw over each other backend's, per size: the ratio of the medians, and the
+    median [quartiles] of the ratio within each iteration. Backends alternate inside an
+    iteration, seconds apart at most, so pairing cancels the machine's slow drifts."""
     if "ring" not in names or len(names) < 2:
         return
-    print("# busbw of ring relative to each other backend, same run (>1: ring is faster)")
+    print("# busbw of ring relative to each other backend, same run (>1: ring is faster):")
+    print("# ratio of medians, then paired: median [quartiles] over iterations of the ratio within one")
     by = {(r["backend"], r["size_bytes"]): r for r in rows}
     for size in sorted({r["size_bytes"] for r in rows}):
         parts = []
+        ring = by[("ring", size)]
         for other in names:
             if other != "ring" and (other, size) in by:
-                parts.append(f"ring/{other} {by[('ring', size)]['busbw_GBps'] / by[(other, size)]['busbw_GBps']:.2f}")
+                o = by[(other, size)]
+                paired = np.array(o["times_s"]) / np.array(ring["times_s"])
+                q1, med, q3 = np.percentile(paired, [25, 50, 75])
+                parts.append(f"ring/{other} {ring['busbw_GBps'] / o['busbw_GBps']:.2f} (paired {med:.2f} [{q1:.2f}, {q3:.2f}])")
         print(f"  {size:>10}  " + "  ".join(parts))
 
 
