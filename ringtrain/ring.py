@@ -17,7 +17,8 @@ In step s (0 <= s < 2(N-1)) rank r receives segment (r-s-1) mod N from the left 
 segment (r-s) mod N to the right, which is exactly the segment it finished in step s-1. So
 each segment is split into chunks and every chunk is forwarded the moment it has been
 reduced (or received): the pipeline runs across step boundaries and the transfer of chunk
-k+1 overlaps the reduction of chunk k.
+k+1 overlaps the reduction of chunk k. That pays off across nodes; on one node the receiving
+core does the copy itself, so there the default is one message per segment (see Ring).
 
 Contract of every call: collective over the ring's communicator; every rank calls with the
 same element count, dtype and op, in the same order (checked, see `check`). Buffers are
