@@ -183,7 +183,7 @@ def add_bench_parser(sub):
     a.add_argument("--chunk-bytes", type=_chunk_size, default=None, metavar="SIZE|auto", help="ring pipeline chunk, e.g. 1M; 0 sends each segment whole; auto (the default): whole segments on one node, 1M across nodes")
     a.add_argument("--comm-wait", default="spin", choices=("spin", "sleep"), help="how ring and mpi wait: blocking MPI calls (spin), or MPI_Test plus sleeps, as during backward in training (sleep)")
     a.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="the ring's per-call agreement on sizes (on by default, as in training)")
-    a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong)")
+    a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong, and times_s: every iteration's slowest-rank time)")
     a.set_defaults(func=_run_bench, bench="allreduce")
     tr = bsub.add_parser(
         "train",
