@@ -133,7 +133,7 @@ def add_train_parser(sub):
     g.add_argument("--no-overlap", dest="overlap", action="store_false", help="exchange after backward instead of during it (clean measurement)")
     g.add_argument("--comm-wait", default="auto", choices=("auto", "spin", "sleep"), help="how ring and mpi wait for peers: 'spin' polls MPI at full speed; 'sleep' tests and sleeps, leaving the core to backward; 'auto' sleeps while backward runs and spins after it")
     g.add_argument("--chunk-bytes", type=_chunk_size, default=None, metavar="SIZE|auto", help="ring pipeline chunk, e.g. 1M; 0 sends each segment whole; auto (the default): whole segments when all ranks share one node, 1M when the ring crosses nodes")
-    g.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="agree on every all-reduce's size/dtype/order first (catches mismatches instead of hanging; measures arrival skew)")
+    g.add_argument("--layout-check", dest="check", default="collective", choices=("collective", "always", "never"), help="how ranks check that every all-reduce has the same size/dtype/order (a mismatch raises on every rank instead of hanging): 'collective' (default) agrees first with a tiny all-reduce, which also measures arrival skew (t_wait_peers); 'always' is the cheapest safe check (on one node the ring carries it in its own messages: free, but no t_wait_peers); 'never' skips it")
     g.add_argument("--ps-servers", type=_nonneg_int, default=1, help="parameter server (ps-sync: average N gradients, one optimizer step; ps-async: apply each push, then reply; ps-async-reply-first: reply at once, apply queued pushes under a lock; ps-hogwild: lock-free MPI_Accumulate into RMA windows): this many dedicated server ranks (ranks 0..K-1, one shard each); 0 = colocated, shards served from worker ranks' background threads")
     g.add_argument("--ps-shards", type=_nonneg_int, default=0, help="parameter shards, balanced by bytes (0: one per dedicated server, or 1 when colocated)")
     g.add_argument("--ps-timeout", type=_positive_float, default=600.0, help="seconds a worker waits for a parameter server before failing with the server's rank")
@@ -182,7 +182,7 @@ def add_bench_parser(sub):
     a.add_argument("--op", default="sum", choices=("sum", "average"))
     a.add_argument("--chunk-bytes", type=_chunk_size, default=None, metavar="SIZE|auto", help="ring pipeline chunk, e.g. 1M; 0 sends each segment whole; auto (the default): whole segments on one node, 1M across nodes")
     a.add_argument("--comm-wait", default="spin", choices=("spin", "sleep"), help="how ring and mpi wait: blocking MPI calls (spin), or MPI_Test plus sleeps, as during backward in training (sleep)")
-    a.add_argument("--layout-check", dest="check", default="always", choices=("always", "never"), help="the ring's per-call agreement on sizes (on by default, as in training)")
+    a.add_argument("--layout-check", dest="check", default="always", choices=("always", "collective", "never"), help="the ring's per-call layout check: 'always' (default) the cheapest safe one (on one node carried in the ring's own messages, free); 'collective' a tiny all-reduce first, as training does by default; 'never'")
     a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong, and times_s: every iteration's slowest-rank time)")
     a.set_defaults(func=_run_bench, bench="allreduce")
     tr = bsub.add_parser(

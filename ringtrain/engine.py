@@ -72,8 +72,10 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        with self._lock:
-            return self._pending == 0
+        """True when nothing submitted is pending. Only the submitting thread should ask: it
+        alone adds work, so a True cannot go stale before it acts on it (reading the count
+        needs no lock; the worker lowers it only after an operation has finished)."""
+        return self._pending == 0
 
     def submit(self, fn, *args) -> Handle:
         h = Handle()

@@ -6,7 +6,7 @@ from ringtrain.schemes.allreduce import BucketedAllreduce
 
 
 class RingScheme(BucketedAllreduce):
-    """Config: chunk_bytes (pipeline chunk; None: chosen by locality, see Ring), check ("always"|"never"), plus the bucket options."""
+    """Config: chunk_bytes (pipeline chunk; None: chosen by locality, see Ring), check ("collective" (default: measures arrival skew) | "always" | "never", see Ring), plus the bucket options."""
 
     name = "ring"
 
@@ -14,7 +14,7 @@ class RingScheme(BucketedAllreduce):
         self.ring = Ring(
             self.world.comm,
             chunk_bytes=self.config.get("chunk_bytes"),
-            check=self.config.get("check", "always"),
+            check=self.config.get("check", "collective"),
             polite=self.comm_wait != "spin",  # same on every rank: it fixes the check's collective kind
         )
         return super().setup(model, optimizer)

@@ -23,14 +23,20 @@ def sizes(n):
     return sorted({0, 1, 2, max(0, n - 1), n, n + 1, 7, 13, 97, 1009, 4099})
 
 
-@pytest.fixture(scope="module", params=["world", "self", "world-polite", "world-polite-unchunked", "world-default"])
+RINGS = ["world", "self", "world-polite", "world-polite-unchunked", "world-default", "world-polite-default", "world-collective"]
+
+
+@pytest.fixture(scope="module", params=RINGS)
 def ring(request):
     comm = MPI.COMM_SELF if request.param == "self" else WORLD
-    # A tiny chunk so that even small sizes go through the multi-chunk pipeline; a large one
-    # sends every size here through the one-message-per-step path, as does the default on one
-    # node. "polite" waits in MPI_Test plus sleeps (as during backward) instead of blocking calls.
-    chunk = {"world-polite-unchunked": DEFAULT_CHUNK_BYTES, "world-default": None}.get(request.param, 64)
-    r = Ring(comm, chunk_bytes=chunk, polite="polite" in request.param)
+    # A tiny chunk so that even small sizes go through the multi-chunk pipeline (its layout
+    # check is a collective); a large one sends every size here through the one-message-per-
+    # step path, as does the default on one node (whose check rides on the ring's messages,
+    # unless asked to be "collective"). "polite" waits in MPI_Test plus sleeps (as during
+    # backward) instead of blocking calls.
+    chunk = {"world-polite-unchunked": DEFAULT_CHUNK_BYTES, "world-default": None, "world-polite-default": None, "world-collective": 0}.get(request.param, 64)
+    check = "collective" if request.param == "world-collective" else "always"
+    r = Ring(comm, chunk_bytes=chunk, polite="polite" in request.param, check=check)
     yield r
     r.close()
 
@@ -139,7 +145,7 @@ def test_mismatched_lengths_raise_on_every_rank_naming_ranks(ring):
         ring.allreduce_(torch.ones(count))
     msg = str(e.value)
     assert "element counts" in msg and f"rank {ring.size - 1}: 11" in msg and "rank 0: 10" in msg
-    # The check runs before any data moves, so the ring is still usable afterwards.
+    # Every message still found its receive, so the ring is usable afterwards.
     t = torch.ones(10)
     ring.allreduce_(t, op="sum")
     assert torch.all(t == ring.size)
@@ -154,6 +160,58 @@ def test_mismatched_dtypes_and_order_raise(ring):
     name = "weights" if ring.rank == 0 else "bias"
     with pytest.raises(RingMismatchError, match="tensor names"):
         ring.allreduce_(torch.ones(8), name=name)
+
+
+def test_every_kind_of_mismatch_raises_on_every_rank_and_the_ring_recovers(ring):
+    """Longer and shorter messages than expected (a longer one is cut by MPI), an empty
+    buffer against full ones, equal byte counts with different dtypes, different ops: each
+    raises on every rank, whichever way the ring checks, and the next correct call works."""
+    if ring.size == 1:
+        pytest.skip("a mismatch needs two ranks")
+    cases = {
+        "element counts": lambda: torch.ones(10 * (R + 1) + R),
+        "element counts ": lambda: torch.ones(0 if R == 0 else 4099),
+        "dtypes": lambda: torch.ones(16, dtype=torch.float16) if R == 1 else torch.ones(8),
+    }
+    for what, make in cases.items():
+        with pytest.raises(RingMismatchError, match=what.strip()):
+            ring.allreduce_(make(), op="sum")
+    with pytest.raises(RingMismatchError, match="ops"):
+        ring.allreduce_(torch.ones(100), op="sum" if R == 0 else "average")
+    for count in (4099, 0, 10):  # the same layouts as above, now matching: plans are reused
+        t = torch.full((count,), float(ring.rank + 1))
+        ring.allreduce_(t, op="sum")
+        assert torch.all(t == ring.size * (ring.size + 1) / 2)
+
+
+def test_only_a_collective_check_measures_the_wait_for_peers(ring):
+    """t_wait_peers is the time spent in the collective layout check (arrival skew); a check
+    carried in the ring's own messages has no such round, and says so with nan."""
+    import math
+
+    ring.allreduce_(torch.ones(10))
+    collective = ring.check == "collective" or (ring.check == "always" and ring.chunk_bytes > 0)
+    if collective:
+        assert ring.last.t_wait_peers >= 0
+    else:
+        assert math.isnan(ring.last.t_wait_peers)
+
+
+def test_reused_buffers_and_a_full_plan_cache_stay_correct(ring):
+    """Plans are kept per buffer address and size: reusing a buffer, a new buffer of the same
+    size, and more layouts than the cache holds must all reduce exactly."""
+    from ringtrain.ring import PLAN_CACHE
+
+    buf = torch.empty(1009)
+    for it in range(3):
+        buf.fill_(float(ring.rank + it))
+        ring.allreduce_(buf, op="sum")
+        assert torch.all(buf == sum(r + it for r in range(ring.size)))
+    for k in range(PLAN_CACHE + 5):
+        t = torch.full((k + 1,), float(ring.rank + 1))
+        ring.allreduce_(t, op="sum", name=f"t{k}")
+        assert torch.all(t == ring.size * (ring.size + 1) / 2), k
+    assert len(ring._plans) <= PLAN_CACHE
 
 
 def test_polite_wait_switched_off_midway_completes(ring):
