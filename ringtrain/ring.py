@@ -112,13 +112,22 @@ class Waiter:
                     return
                 delay = min(2 * delay, POLL_MAX_S)
         except MPI.Exception as e:
-            # A list call reports ERR_IN_STATUS; raise the request's own error instead (e.g.
-            # ERR_PROC_FAILED under ULFM, which the elastic scheme recovers from).
-            if e.Get_error_class() == MPI.ERR_IN_STATUS:
-                for st in statuses:
-                    if st.Get_error() not in (MPI.SUCCESS, MPI.ERR_PENDING):
-                        raise MPI.Exception(st.Get_error()) from e
-            raise
+            err = request_error(e, statuses)
+            if err is e:
+                raise
+            raise err from e
+
+
+def request_error(e, statuses):
+    """The error to raise for a failed list call (Waitall, Testall) on requests with these
+    statuses: the failed request's own error instead of MPI_ERR_IN_STATUS (e.g.
+    ERR_PROC_FAILED under ULFM, which the elastic scheme recovers from, or ERR_TRUNCATE)."""
+    MPI = _mpi()
+    if e.Get_error_class() == MPI.ERR_IN_STATUS:
+        for st in statuses:
+            if st.Get_error() not in (MPI.SUCCESS, MPI.ERR_PENDING):
+                return MPI.Exception(st.Get_error())
+    return e
 
 
 class RingMismatchError(ValueError):
@@ -195,16 +204,11 @@ def as_wire_array(buf) -> tuple[np.ndarray, str]:
 
 @functools.lru_cache(maxsize=None)
 def _reducer(dtype: str):
-    """(add(dst, src), scale(dst, n)) for a wire dtype; both in place on numpy views."""
+    """(add, divide) for a wire dtype, called ufunc-style on numpy views: add(dst, src,
+    out=dst) and divide(dst, n, out=dst), both in place. For float32/64 they are numpy's
+    ufuncs themselves (no Python frame between the ring and the C loop)."""
     if dtype in ("float32", "float64"):
-
-        def add(dst, src):
-            np.add(dst, src, out=dst)
-
-        def divide(dst, n):
-            np.divide(dst, n, out=dst)
-
-        return add, divide
+        return np.add, np.divide
     import torch
 
     # 16-bit types: torch computes each add in float32 and rounds once to the 16-bit result
@@ -215,12 +219,11 @@ def _reducer(dtype: str):
         t = torch.from_numpy(a)
         return t if dtype == "float16" else t.view(torch.int16).view(tdt)
 
-    def add16(dst, src):
-        view(dst).add_(view(src))
+    def add16(dst, src, out):
+        torch.add(view(dst), view(src), out=view(out))
 
-    def divide16(dst, n):
-        v = view(dst)
-        v.copy_(v.float().div_(n))
+    def divide16(dst, n, out):
+        view(out).copy_(view(dst).float().div_(n))
 
     return add16, divide16
 
@@ -480,9 +483,9 @@ class Ring:
                 self.waiter.waitall(recv_reqs[k : k + 1])
                 recv += (b - a) * isz
                 if reduce_step:
-                    add(arr[a:b], tmp[a - lo : b - lo])
+                    add(arr[a:b], tmp[a - lo : b - lo], out=arr[a:b])
                     if s == N - 2 and average:
-                        divide(arr[a:b], N)  # this chunk is now final: average before passing it on
+                        divide(arr[a:b], N, out=arr[a:b])  # this chunk is now final: average before passing it on
                 if s + 1 < nsteps:  # forward what we just finished: next step's send segment
                     next_sends.append(comm.Isend([raw[a * isz : b * isz], MPI.BYTE], right, tag=s + 1))
                     sent += (b - a) * isz
@@ -500,14 +503,18 @@ class Ring:
         MPI = _mpi()
         add, divide, tag = plan.add, plan.divide, plan.tag
         average, N = op == "average", self.size
-        waitall, startall = self.waiter.waitall, MPI.Prequest.Startall
+        startall = MPI.Prequest.Startall
+        # Polite or not is read once per call (a flip to full speed still wakes a polite
+        # wait in flight); when not polite, MPI's own Waitall, without the Waiter around it.
+        waitall = self.waiter.waitall if self.waiter.polite else MPI.Request.Waitall
         for s, (reqs, statuses, dst, scratch, final) in enumerate(plan.steps):
             startall(reqs)
             try:
                 waitall(reqs, statuses)
             except MPI.Exception as e:
-                if e.Get_error_class() != MPI.ERR_TRUNCATE:  # a longer message than this rank's
-                    raise
+                err = request_error(e, statuses)
+                if err.Get_error_class() != MPI.ERR_TRUNCATE:  # truncated: a longer message than this rank's
+                    raise err from (None if err is e else e)
                 for req in reqs:
                     req.Wait()  # the send may still be pending; waiting on a completed one is free
                 self._finish_mismatched(plan, buf, s + 1)
@@ -516,9 +523,9 @@ class Ring:
                 self._finish_mismatched(plan, buf, s + 1)
                 raise self._mismatch(plan, op, name, seq)
             if dst is not None:
-                add(dst, scratch)
+                add(dst, scratch, out=dst)
                 if final and average:
-                    divide(dst, N)  # this segment is now final: average before passing it on
+                    divide(dst, N, out=dst)  # this segment is now final: average before passing it on
         return plan.sent, plan.recv
 
     def _fast_key(self, buf, op, name):
