@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 30 minutes on 2 cores).
+# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 40 minutes on 2 cores).
 # Each command alternates its backends inside one MPI job; ratios come from the same run.
 #   OUT=bench-results bash scripts/benchmarks.sh
 set -euo pipefail
@@ -12,11 +12,17 @@ mkdir -p "$OUT"
 MPIRUN="mpirun --oversubscribe --bind-to none"
 run() { echo "\$ $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt"; }
 
-# 1. all-reduce bandwidth: ring vs MPI_Allreduce vs torch gloo, N=2 and N=4
-for n in 2 4; do
-    run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
-        --sizes 64K,256K,1M,4M,16M,64M --iters 50 --json "$OUT/allreduce-n$n.json"
+# 1. all-reduce bandwidth: ring vs MPI_Allreduce vs torch gloo, N=2 and N=4, three runs in turn
+#    (a single run's ratio at 1 MiB moves by +-0.1 on this machine)
+for k in 1 2 3; do
+    for n in 2 4; do
+        run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
+            --sizes 64K,256K,1M,4M,16M,64M --iters 50 --json "$OUT/allreduce-n$n-run$k.json"
+    done
 done
+# where one ring call's time goes at 1 MiB: bare mpi4py ring vs Ring vs MPI_Allreduce
+run $MPIRUN -n 2 python scripts/ring_floor.py --size 1M --iters 500
+run $MPIRUN -n 4 python scripts/ring_floor.py --size 1M --iters 200
 # 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2;
 #    then the ring against itself polling MPI at full speed during backward (ring+spin)
 run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ddp,mpi --model resnet18 \

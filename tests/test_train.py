@@ -45,8 +45,9 @@ def test_ring_mpi_ddp_end_with_the_same_parameters(tmp_path):
     assert max_rel_diff(finals["ring"], finals["ddp"]) < 1e-5
 
 
-def test_no_overlap_and_every_wait_mode_give_the_same_parameters_as_overlap(tmp_path):
-    modes = {"overlap": [], "no-overlap": ["--no-overlap"], "spin": ["--comm-wait", "spin"], "sleep": ["--comm-wait", "sleep"]}
+def test_no_overlap_every_wait_mode_and_layout_check_give_the_same_parameters_as_overlap(tmp_path):
+    modes = {"overlap": [], "no-overlap": ["--no-overlap"], "spin": ["--comm-wait", "spin"], "sleep": ["--comm-wait", "sleep"],
+             "check-in-tags": ["--layout-check", "always"], "no-check": ["--layout-check", "never"]}
     for mode, flags in modes.items():
         ok(train(2, "--model", "mlp", "--steps", "8", "--save-every", "0", "--bucket-cap-mb", "0.05", *flags,
                  "--snapshot", str(tmp_path / f"{mode}.pt"), "--run-dir", str(tmp_path / mode)))

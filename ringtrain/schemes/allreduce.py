@@ -18,8 +18,9 @@ Timers (where they could lie):
                   thread (from when it began executing, not when it was queued).
   t_comm_exposed  wall time from the end of backward until the last bucket is reduced: the
                   only communication the step really waited for.
-  t_wait_peers    time the step's first all-reduce spent in its layout check, i.e. waiting
-                  for the slowest rank to arrive.
+  t_wait_peers    time the step's first all-reduce spent in its collective layout check,
+                  i.e. waiting for the slowest rank to arrive (nan with --layout-check
+                  always/never, whose check, if any, travels with the data: no separate wait).
 
 Waiting. While backward runs beside the exchange, a background thread that polls MPI at full
 speed takes the core from backward (on a node with one core per rank, half of it). With
