@@ -29,11 +29,9 @@ class Handle:
 
     __slots__ = ("_lock", "_finished", "result", "error", "t_submit", "t_begin", "t_end", "info")
 
-    def __init__(self, threaded: bool = True):
-        # An inline handle is finished before anyone can wait on it: it needs no lock.
-        self._lock = threading.Lock() if threaded else None
-        if self._lock is not None:
-            self._lock.acquire()
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
         self._finished = False
         self.result = None
         self.error: BaseException | None = None
@@ -46,8 +44,7 @@ class Handle:
 
     def _finish(self) -> None:
         self._finished = True
-        if self._lock is not None:
-            self._lock.release()
+        self._lock.release()
 
     def wait(self):
         if not self._finished:
@@ -85,12 +82,6 @@ class Engine:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
         self._queue.put((h, fn, args))
-        return h
-
-    def run_inline(self, fn, *args) -> Handle:
-        """Execute on the calling thread (used when the queue is empty, to save a thread hop)."""
-        h = Handle(threaded=False)
-        self._execute(h, fn, args)
         return h
 
     def _execute(self, h: Handle, fn, args) -> None:

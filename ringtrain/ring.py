@@ -352,10 +352,8 @@ class Ring:
         before, on an unpipelined ring with no collective check, takes the shortest path: look
         up the plan by the buffer's address and run it (see `_fast_key` for why it is short)."""
         if self._plans_only and self._engine.idle:
-            key = self._fast_key(buf, op, name)
-            plan = self._plans.pop(key, None)
+            plan = self._cached_plan(self._fast_key(buf, op, name))
             if plan is not None:
-                self._plans[key] = plan  # most recently used last
                 seq = self.calls
                 self.calls += 1
                 t0 = time.perf_counter()
@@ -427,11 +425,7 @@ class Ring:
         # An empty buffer moves no data, but unless a collective check has shown that every
         # rank's is empty, the ring runs its (empty) messages: they carry the check.
         if self.size > 1 and (arr.size > 0 or not self._collective_check):
-            if self.chunk_bytes == 0:
-                plan = self._plan(buf, arr, dtype, op, name)
-                stats.bytes_sent, stats.bytes_recv = self._ring_planned(plan, buf, op, name, seq)
-            else:
-                stats.bytes_sent, stats.bytes_recv = self._ring(buf, arr, dtype, op, name, seq)
+            stats.bytes_sent, stats.bytes_recv = self._ring(buf, arr, dtype, op, name, seq)
         stats.t_ring = time.perf_counter() - t1
         self._record(stats)
         return stats
@@ -442,7 +436,9 @@ class Ring:
         self.last = stats
 
     def _ring(self, buf, arr: np.ndarray, dtype: str, op: str, name, seq) -> tuple[int, int]:
-        """The ring with pipelined chunks; returns (bytes sent, bytes received) by this rank."""
+        """The ring proper; returns (bytes sent, bytes received) by this rank. Pipelined in
+        chunks when a segment spans more than one; otherwise (always when chunk_bytes is 0)
+        the prepared plan for this buffer."""
         MPI = _mpi()
         comm, N, r = self.comm, self.size, self.rank
         n, isz = arr.size, arr.itemsize
@@ -544,13 +540,20 @@ class Ring:
     def _plan(self, buf, arr, dtype, op, name) -> _Plan:
         """The prepared plan for this buffer and layout, made on first use (local: no
         communication), most recently used last. `arr` is buf's wire view."""
-        key = self._fast_key(buf, op, name) or (self._buffer(arr).address, arr.nbytes, dtype, op, name)
-        plan = self._plans.pop(key, None)
+        addr = self._buffer(arr).address
+        key = self._fast_key(buf, op, name) or (addr, arr.nbytes, dtype, op, name)
+        plan = self._cached_plan(key)
         if plan is None:
             if len(self._plans) >= PLAN_CACHE:
                 self._plans.pop(next(iter(self._plans))).free()
-            plan = self._make_plan(arr, self._buffer(arr).address, dtype, op, name)
-        self._plans[key] = plan
+            plan = self._plans[key] = self._make_plan(arr, addr, dtype, op, name)
+        return plan
+
+    def _cached_plan(self, key) -> _Plan | None:
+        """The plan kept under `key` (None if there is none), moved to most recently used."""
+        plan = self._plans.pop(key, None)
+        if plan is not None:
+            self._plans[key] = plan
         return plan
 
     def _make_plan(self, arr, addr: int, dtype, op, name) -> _Plan:
