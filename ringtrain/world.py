@@ -212,6 +212,7 @@ class World:
             hostname=socket.gethostname(),
             launch=info,
         )
+        _note_local_peers(node, MPI.COMM_WORLD.Get_rank())  # the rank the error handler names
         node.Free()
         if align_clocks:
             world.clock_offset, world.clock_uncertainty = measure_clock_offset(comm)
@@ -288,22 +289,76 @@ def measure_clock_offset(comm, pings: int = 8) -> tuple[float, float]:
 # --------------------------------------------------------------------------- errors
 
 
+# Other ranks on this node, {rank: pid}, recorded by World.init. When a peer dies, the error
+# this rank sees comes from its transport (gloo: "Connection closed by peer [127.0.0.1]:8600";
+# MPI: a failed request) and names no rank; the error handler below looks here for a local
+# peer whose process is gone, and names it.
+_LOCAL_PEERS: dict[int, int] = {}
+
+# How long the error handler waits for a local peer's exit to become visible: its sockets
+# close (and this rank's transport fails) a moment before its process is gone.
+LOST_PEER_WAIT_S = 0.5
+
+
+def _note_local_peers(node, rank: int) -> None:
+    """Collective over `node` (the ranks sharing this node): record every other rank's pid.
+    Only pids this process can see as running are kept (a rank in another pid namespace,
+    e.g. another container, would otherwise look dead)."""
+    import psutil
+
+    table = np.empty((node.Get_size(), 2), dtype=np.int64)
+    node.Allgather(np.array([rank, os.getpid()], dtype=np.int64), table)
+    _LOCAL_PEERS.clear()
+    _LOCAL_PEERS.update({int(r): int(pid) for r, pid in table if r != rank and psutil.pid_exists(int(pid))})
+
+
+def lost_local_peers(wait_s: float = 0.0) -> list[int]:
+    """Ranks on this node (recorded by World.init) whose process has exited: gone, or a zombie
+    not yet reaped. Polls for up to `wait_s` seconds until one shows; [] if none does."""
+    import psutil
+
+    def gone(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        lost = sorted(r for r, pid in _LOCAL_PEERS.items() if gone(pid))
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(0.02)
+
+
 def install_abort_on_error(comm=None) -> None:
     """Make an uncaught exception on any rank (main thread or a communication thread)
     print `[rank R] ...` and abort the whole job, instead of leaving the other ranks
     blocked in a collective forever (what happens under plain `python script.py`).
+
+    When a rank on this node has exited (a crash, a kill), the line names it, since the error
+    from the transport names none. The line goes to the process's own stderr (sys.__stderr__):
+    torch.distributed's init_process_group wraps sys.excepthook and points sys.stderr at a
+    buffer while the previous hook (this one) runs, to print it afterwards with a rank prefix;
+    since this hook aborts, that buffer would never be printed.
     """
     MPI = _mpi()
     comm = comm if comm is not None else MPI.COMM_WORLD
     rank = comm.Get_rank()
 
     def _report_and_abort(exc_type, exc, tb):
+        err = sys.__stderr__ or sys.stderr
         if exc_type is KeyboardInterrupt:
-            sys.stderr.write(f"[rank {rank}] interrupted\n")
+            err.write(f"[rank {rank}] interrupted\n")
         else:
             text = "".join(traceback.format_exception(exc_type, exc, tb)) if os.environ.get("RINGTRAIN_TRACEBACK") else ""
-            sys.stderr.write(f"{text}[rank {rank}] error: {exc_type.__name__}: {exc}\n")
-        sys.stderr.flush()
+            lost = lost_local_peers(LOST_PEER_WAIT_S) if _LOCAL_PEERS else []
+            cause = (f"\n[rank {rank}] the likely cause: rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} "
+                     f"on this node had already exited") if lost else ""
+            err.write(f"{text}[rank {rank}] error: {exc_type.__name__}: {exc}{cause}\n")
+        err.flush()
         if comm.Get_size() > 1:
             comm.Abort(getattr(exc, "exit_code", 1) or 1)
         os._exit(getattr(exc, "exit_code", 1) or 1)

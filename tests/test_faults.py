@@ -72,6 +72,51 @@ def test_a_failed_rank_ends_the_job_quickly_and_is_named(tmp_path, backend, mode
     assert "Summary:" not in out
 
 
+AFTER_GLOO = r"""
+import sys
+from ringtrain.world import World, init_torch_distributed, install_abort_on_error
+
+install_abort_on_error()
+world = World.init(align_clocks=False)
+init_torch_distributed(world, "gloo")  # wraps sys.excepthook and redirects stderr while ours runs
+world.barrier()
+if world.rank == 1:
+    raise RuntimeError("boom on rank 1")
+world.barrier()
+"""
+
+
+def test_an_error_after_torch_distributed_starts_is_still_printed():
+    proc = run_mpi(2, ["-c", AFTER_GLOO], timeout=120)
+    assert proc.returncode != 0
+    assert "[rank 1] error: RuntimeError: boom on rank 1" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_lost_local_peers_names_exited_and_unreaped_processes(monkeypatch):
+    """The error handler's evidence for "rank R had already exited": a peer process that is gone,
+    or a zombie its launcher has not reaped yet; a live one is never named."""
+    from ringtrain import world
+
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        gone.wait()  # reaped: its pid no longer exists
+        deadline = time.monotonic() + 30
+        while os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is None:  # exited, not reaped
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        monkeypatch.setattr(world, "_LOCAL_PEERS", {1: alive.pid, 2: zombie.pid, 3: gone.pid})
+        assert world.lost_local_peers() == [2, 3]
+        monkeypatch.setattr(world, "_LOCAL_PEERS", {1: alive.pid})
+        t0 = time.monotonic()
+        assert world.lost_local_peers(wait_s=0.2) == [] and time.monotonic() - t0 >= 0.2
+    finally:
+        alive.kill()
+        alive.wait()
+        zombie.wait()
+
+
 MISMATCH = r"""
 import sys
 import numpy as np
