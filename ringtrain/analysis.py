@@ -39,8 +39,17 @@ class Run:
 
     @property
     def label(self) -> str:
+        """Backend and workers, e.g. "ring n=4"; a parameter server adds its placement, which
+        tells two runs of one PS mode apart: "ps-sync colocated n=4", "ps-sync 1 server n=4"."""
         m = self.manifest
-        return f"{m.get('backend', '?')} n={m.get('num_workers', m.get('world_size', '?'))}"
+        name = m.get("backend", "?")
+        placement = m.get("scheme_ps_placement")
+        if placement == "colocated":
+            name += " colocated"
+        elif placement == "dedicated":
+            k = int(m.get("scheme_ps_servers", 1))
+            name += f" {k} server{'s' if k > 1 else ''}"
+        return f"{name} n={m.get('num_workers', m.get('world_size', '?'))}"
 
     @property
     def workers(self) -> int:
