@@ -103,6 +103,15 @@ def _pattern(count, dtype, rank):
     return base * (rank + 1), base
 
 
+def _buffer(count, dtype, where: str) -> torch.Tensor:
+    """An uninitialised 1-D tensor from torch's allocator, or from numpy's ('hugepage'): numpy
+    advises the kernel to back arrays of 4 MiB and more with transparent huge pages."""
+    if where == "hugepage":
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        return torch.from_numpy(np.empty(count * itemsize, dtype=np.uint8)).view(dtype)
+    return torch.empty(count, dtype=dtype)
+
+
 def bench_allreduce(args) -> list[dict]:
     from mpi4py import MPI
 
@@ -119,7 +128,7 @@ def bench_allreduce(args) -> list[dict]:
     n = world.size
     rows = []
     if world.rank == 0:
-        print(f"# ringtrain bench allreduce: {n} ranks, op {args.op}, dtype {args.dtype}, {args.iters} iterations (median of the slowest rank), backends alternate")
+        print(f"# ringtrain bench allreduce: {n} ranks, op {args.op}, dtype {args.dtype}, {args.iters} iterations (median of the slowest rank), backends alternate, {args.buffers} buffers")
         print(f"# {'size':>10} {'count':>12} {'type':>9} {'backend':>8} {'time':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>7}")
         print(f"# {'(B)':>10} {'(elements)':>12} {'':>9} {'':>8} {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8} {'':>7}")
     for size in sizes:
@@ -127,7 +136,7 @@ def bench_allreduce(args) -> list[dict]:
         src, base = _pattern(count, dtype, world.rank)
         total = n * (n + 1) / 2
         expect = (base.double() * total / (n if args.op == "average" else 1)).to(dtype)
-        bufs = {b.name: torch.empty(count, dtype=dtype) for b in backends}
+        bufs = {b.name: _buffer(count, dtype, args.buffers) for b in backends}
         # The check below runs between timed calls and must allocate nothing: large temporary
         # tensors are mmap'ed and unmapped by malloc, and the page faults and cache misses
         # that leaves behind doubled the time of the next timed all-reduce (measured at 1 MiB).
@@ -165,7 +174,7 @@ def bench_allreduce(args) -> list[dict]:
             row = {
                 "backend": b.name, "nranks": n, "size_bytes": nbytes, "count": count, "dtype": args.dtype, "op": args.op,
                 "time_s": t, "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n if n > 1 else algbw,
-                "wrong": int(wsum[0]), "iters": args.iters,
+                "wrong": int(wsum[0]), "iters": args.iters, "buffers": args.buffers,
                 "times_s": slowest.tolist(),  # per iteration, slowest rank: pairs with other backends' by index
             }
             rows.append(row)

@@ -183,6 +183,7 @@ def add_bench_parser(sub):
     a.add_argument("--chunk-bytes", type=_chunk_size, default=None, metavar="SIZE|auto", help="ring pipeline chunk, e.g. 1M; 0 sends each segment whole; auto (the default): whole segments on one node, 1M across nodes")
     a.add_argument("--comm-wait", default="spin", choices=("spin", "sleep"), help="how ring and mpi wait: blocking MPI calls (spin), or MPI_Test plus sleeps, as during backward in training (sleep)")
     a.add_argument("--layout-check", dest="check", default="always", choices=("always", "collective", "never"), help="the ring's per-call layout check: 'always' (default) the cheapest safe one (on one node carried in the ring's own messages, free); 'collective' a tiny all-reduce first, as training does by default; 'never'")
+    a.add_argument("--buffers", default="torch", choices=("torch", "hugepage"), help="where the timed buffers live: 'torch' (default) torch's allocator, 4 KiB pages unless torch is told otherwise (THP_MEM_ALLOC_ENABLE=1); 'hugepage' numpy's, which asks the kernel for transparent huge pages (madvise) from 4 MiB up. Single-copy shared-memory transfers (CMA) pin every page they move, so the page size shows at large sizes")
     a.add_argument("--json", default=None, help="write the rows here (backend, nranks, size_bytes, time_s, algbw_GBps, busbw_GBps, wrong, and times_s: every iteration's slowest-rank time)")
     a.set_defaults(func=_run_bench, bench="allreduce")
     tr = bsub.add_parser(
