@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 40 minutes on 2 cores).
+# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 55 minutes on 2 cores).
 # Each command alternates its backends inside one MPI job; ratios come from the same run.
 #   OUT=bench-results bash scripts/benchmarks.sh
 set -euo pipefail
@@ -20,6 +20,18 @@ for k in 1 2 3; do
             --sizes 64K,256K,1M,4M,16M,64M --iters 50 --json "$OUT/allreduce-n$n-run$k.json"
     done
 done
+# large messages on four ranks: page size, polite waiting, and single-copy shared memory off
+for k in 1 2; do
+    for n in 4 2; do
+        for b in torch hugepage; do
+            run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo --sizes 4M,16M,64M \
+                --iters 30 --buffers $b --json "$OUT/buffers-$b-n$n-run$k.json"
+        done
+    done
+    run $MPIRUN -n 4 python -m ringtrain bench allreduce --backends ring,mpi,gloo --sizes 4M,16M,64M \
+        --iters 30 --comm-wait sleep --json "$OUT/sleep-n4-run$k.json"
+done
+run $MPIRUN -n 4 --mca smsc ^cma python -m ringtrain bench allreduce --backends ring,mpi,gloo --sizes 16M,64M --iters 15
 # where one ring call's time goes at 1 MiB: bare mpi4py ring vs Ring vs MPI_Allreduce
 run $MPIRUN -n 2 python scripts/ring_floor.py --size 1M --iters 500
 run $MPIRUN -n 4 python scripts/ring_floor.py --size 1M --iters 200
