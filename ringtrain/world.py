@@ -296,7 +296,9 @@ def measure_clock_offset(comm, pings: int = 8) -> tuple[float, float]:
 _LOCAL_PEERS: dict[int, int] = {}
 
 # How long the error handler waits for a local peer's exit to become visible: its sockets
-# close (and this rank's transport fails) a moment before its process is gone.
+# close (and this rank's transport fails) a moment before its process is gone. Only for a
+# RuntimeError, the kind a lost peer raises (torch.distributed's errors and mpi4py's
+# MPI.Exception are RuntimeErrors); a bad option or a missing file aborts at once.
 LOST_PEER_WAIT_S = 0.5
 
 
@@ -354,7 +356,8 @@ def install_abort_on_error(comm=None) -> None:
             err.write(f"[rank {rank}] interrupted\n")
         else:
             text = "".join(traceback.format_exception(exc_type, exc, tb)) if os.environ.get("RINGTRAIN_TRACEBACK") else ""
-            lost = lost_local_peers(LOST_PEER_WAIT_S) if _LOCAL_PEERS else []
+            wait_s = LOST_PEER_WAIT_S if issubclass(exc_type, RuntimeError) else 0.0
+            lost = lost_local_peers(wait_s) if _LOCAL_PEERS else []
             cause = (f"\n[rank {rank}] the likely cause: rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} "
                      f"on this node had already exited") if lost else ""
             err.write(f"{text}[rank {rank}] error: {exc_type.__name__}: {exc}{cause}\n")
