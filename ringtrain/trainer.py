@@ -11,7 +11,9 @@ Where a timer could lie:
   - t_comm_exposed is reported by the scheme; the trainer's own stopwatch around
     end_backward() measures the same wait plus a few microseconds of bookkeeping.
   - t_optimizer includes the non-finite-gradient check (one norm per gradient tensor) unless
-    --nonfinite off.
+    --nonfinite off; for schemes that keep each worker's own gradient (parameter server,
+    none) the check runs before end_backward and is charged to t_comm_exposed's stopwatch
+    gap, not to t_optimizer.
   - the first steps include one-off costs (allocations, thread start-up); reports skip them.
   - on CPU all timers are wall-clock perf_counter readings around synchronous work. On CUDA
     the trainer synchronises the device before reading a timer (see `_sync`), so queued
@@ -173,6 +175,8 @@ class Trainer:
         self._sync()
         t2 = time.perf_counter()
         recover_s = 0.0
+        if not scheme.averages_gradients:
+            self._drop_own_nonfinite(step)  # before this worker's gradient leaves it
         try:
             scheme.end_backward()  # every param.grad now holds the average over workers
         except WorkersChanged as e:
@@ -180,7 +184,7 @@ class Trainer:
         t3 = time.perf_counter()
         loss_value = loss.item()  # once: on CUDA every .item() is a device sync
         local_nonfinite = not math.isfinite(loss_value)
-        skip_update = recover_s > 0 or self._check_gradients(step, local_nonfinite)
+        skip_update = recover_s > 0 or (scheme.averages_gradients and self._check_gradients(step, local_nonfinite))
         if not skip_update:
             scheme.optimizer_step(self.optimizer)
         self._sync()
@@ -245,6 +249,25 @@ class Trainer:
                 p.grad = None
             return True
         raise NonFiniteGradientError(msg + ". Lower --lr, or pass --nonfinite skip to drop such steps.")
+
+    def _drop_own_nonfinite(self, step: int) -> None:
+        """For schemes where every worker keeps its own gradient (parameter server, none):
+        check this worker's gradient alone, before end_backward sends it anywhere. No
+        collective: other workers may well be fine. --nonfinite stop raises (the job ends,
+        naming this rank); skip drops the gradient (param.grad = None: a parameter server
+        receives zeros from this worker for this step, and applies the others')."""
+        if self.cfg.nonfinite == "off":
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+            return
+        msg = f"non-finite gradient at step {step} on worker {self.rank}"
+        if self.cfg.nonfinite == "skip":
+            print(f"[worker {self.rank}] {msg}; its gradient is dropped for this step (--nonfinite skip)", file=sys.stderr, flush=True)
+            for p in self.model.parameters():
+                p.grad = None
+            return
+        raise NonFiniteGradientError(msg + ". Lower --lr, or pass --nonfinite skip to drop such gradients.")
 
     def _on_workers_changed(self, e: WorkersChanged, step: int) -> float:
         """Survivors of a rank loss: drop this step, take a new shard, go on (elastic schemes)."""

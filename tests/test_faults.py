@@ -252,6 +252,28 @@ def test_nonfinite_gradient_skip_drops_the_step_and_goes_on(tmp_path):
     assert snap["STEP"] == 10 and all(torch.isfinite(t).all() for t in snap["MODEL_STATE"].values())
 
 
+@pytest.mark.parametrize("backend", ["ps-sync", "ps-async", "none"])
+def test_nonfinite_gradient_on_one_worker_of_a_scheme_without_averaging(tmp_path, backend):
+    """A parameter server (and `none`) leaves each worker its own gradient, so only the NaN
+    worker knows: stop must end the job naming it (it used to wait in a collective that the
+    healthy workers never joined, until --ps-timeout), skip must keep its gradient from the
+    server (it used to reach the server and poison every worker's parameters)."""
+    common = [*QUICK, "--backend", backend, "--steps", "10", "--fail-rank", "1", "--fail-step", "4", "--fail-mode", "nan",
+              "--ps-timeout", "60"]
+    fails_with(train(3, *common, "--run-dir", str(tmp_path / "stop"), timeout=120),
+               "non-finite gradient at step 4 on worker", "--nonfinite skip")
+    proc = ok(train(3, *common, "--nonfinite", "skip", "--run-dir", str(tmp_path / "skip"), "--snapshot", str(tmp_path / "s.pt"),
+                    timeout=120))
+    assert re.search(r"\[worker \d\] non-finite gradient at step 4 on worker \d; its gradient is dropped", proc.stderr), proc.stderr
+    snap = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert snap["STEP"] == 10 and all(torch.isfinite(t).all() for t in snap["MODEL_STATE"].values())
+    for f in glob.glob(str(tmp_path / "skip" / "rank-*.h5")):
+        with h5py.File(f, "r", swmr=True) as h:
+            loss = h["loss"][:]
+        if len(loss):  # a dedicated server rank logs no steps
+            assert np.isfinite(np.delete(loss, 4)).all(), (f, loss)  # only the injected step's loss is NaN
+
+
 def test_nonfinite_from_a_diverging_learning_rate(tmp_path):
     fails_with(train(2, *QUICK, "--steps", "10", "--lr", "1e30", "--run-dir", str(tmp_path / "r"), timeout=120),
                "non-finite gradient at step", "Lower --lr")

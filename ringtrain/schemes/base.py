@@ -69,6 +69,12 @@ class Scheme:
     """Base class. Subclasses override what they need; defaults describe a scheme that does nothing."""
 
     name = "base"
+    # True when end_backward leaves every worker holding the same averaged gradient (all-reduce
+    # schemes). False when each worker keeps its own (a parameter server applies each
+    # worker's gradient as it arrives; `none` exchanges nothing): the trainer then checks for
+    # NaN/Inf gradients on each worker alone, before end_backward, since the workers' verdicts
+    # can differ and no collective may depend on them.
+    averages_gradients = True
 
     def __init__(self, world, config: dict | None = None):
         self.world = world

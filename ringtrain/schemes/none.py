@@ -8,6 +8,7 @@ from ringtrain.schemes.base import Scheme
 
 class NoExchange(Scheme):
     name = "none"
+    averages_gradients = False
 
     def setup(self, model, optimizer):
         # Same start as every other scheme, so a none run is a fair baseline.

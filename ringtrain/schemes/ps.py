@@ -111,6 +111,7 @@ class ParameterServer(Scheme):
     server before failing, default 600)."""
 
     name = "ps-sync"
+    averages_gradients = False  # each worker pushes its own; see Scheme.averages_gradients
 
     def __init__(self, world, config=None):
         super().__init__(world, config)
@@ -266,7 +267,7 @@ class ParameterServer(Scheme):
         else:
             self._exchange_p2p()
         # Every param.grad points at the gradient this worker pushed (the parameters are
-        # already updated; the trainer's non-finite check reads these).
+        # already updated).
         for p, (a, b) in zip(self.params, self.offsets):
             p.grad = self.flat_grad[a:b].view_as(p)
 
