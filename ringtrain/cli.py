@@ -151,7 +151,7 @@ def add_train_parser(sub):
     g.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     g = t.add_argument_group("faults")
     g.add_argument("--nonfinite", default="stop", choices=("stop", "skip", "off"), help="on NaN/Inf gradients: stop with an error naming rank and step, skip the update, or do not check")
-    g.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this rank fails ...")
+    g.add_argument("--fail-rank", type=int, default=-1, help="fault injection: this worker fails ... (workers are numbered from 0: every rank, or under dedicated parameter servers the ranks after them)")
     g.add_argument("--fail-step", type=int, default=-1, help="... at the start of this step")
     g.add_argument("--fail-mode", default="exit", choices=("exit", "kill", "raise", "nan"), help="how the injected failure happens: the process exits, is SIGKILLed, raises, or its loss and gradients become NaN for that step")
     g.add_argument("--elastic", action="store_true", help="survive lost ranks: the survivors shrink the ring and go on (--backend ring; "

@@ -62,7 +62,6 @@ def run(args) -> int:
 
     install_abort_on_error()
     world = World.init()
-    check_fault_options(args, world.size)
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, world.local_size))
     torch.set_num_threads(threads)
     device = choose_device(args.device, world.local_rank)
@@ -75,6 +74,7 @@ def run(args) -> int:
     optimizer = make_optimizer(args, model)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     scheme = make_scheme(args.backend, world, config)
+    check_fault_options(args, scheme.num_workers)  # --fail-rank names a worker: servers do not train
 
     # The run directory: rank 0 names it (timestamps differ between ranks) and tells the others.
     run_dir = world.bcast_bytes((args.run_dir or default_run_dir(args.backend, world.size)).encode() if world.rank == 0 else None).decode()
@@ -184,15 +184,17 @@ def _cuda_aware() -> bool:
     return cuda_aware_mpi()
 
 
-def check_fault_options(args, world_size: int) -> None:
-    """Fault-injection options name a rank and a step of this job, or nothing at all."""
+def check_fault_options(args, workers: int) -> None:
+    """Fault-injection options name a worker and a step of this job, or nothing at all.
+    Workers are numbered 0..workers-1: every rank under an all-reduce scheme; under dedicated
+    parameter servers, the ranks after the servers."""
     r, k = args.fail_rank, args.fail_step
     if r == -1 and k == -1:
         return
-    if not 0 <= r < world_size:
-        raise ValueError(f"--fail-rank {r} is not a rank of this job of {world_size} rank(s) (0..{world_size - 1})")
+    if not 0 <= r < workers:
+        raise ValueError(f"--fail-rank {r} is not a worker of this job of {workers} worker(s) (0..{workers - 1})")
     if k < 0:
-        raise ValueError(f"--fail-rank {r} needs --fail-step K >= 0 (the global step at whose start rank {r} fails)")
+        raise ValueError(f"--fail-rank {r} needs --fail-step K >= 0 (the global step at whose start worker {r} fails)")
 
 
 def make_optimizer(args, model):

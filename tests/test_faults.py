@@ -280,7 +280,8 @@ def test_nonfinite_from_a_diverging_learning_rate(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--fail-rank", "5", "--fail-step", "2"], "--fail-rank 5 is not a rank of this job of 2 rank(s) (0..1)"),
+    (["--fail-rank", "5", "--fail-step", "2"], "--fail-rank 5 is not a worker of this job of 2 worker(s) (0..1)"),
+    (["--backend", "ps-sync", "--fail-rank", "1", "--fail-step", "2"], "--fail-rank 1 is not a worker of this job of 1 worker(s) (0..0)"),
     (["--fail-rank", "1"], "--fail-rank 1 needs --fail-step"),
     (["--bucket-cap-mb", "0"], "argument --bucket-cap-mb: must be > 0"),
     (["--elastic", "--backend", "mpi"], "--elastic is available for --backend ring, not 'mpi'"),
