@@ -107,8 +107,7 @@ def _buffer(count, dtype, where: str) -> torch.Tensor:
     """An uninitialised 1-D tensor from torch's allocator, or from numpy's ('hugepage'): numpy
     advises the kernel to back arrays of 4 MiB and more with transparent huge pages."""
     if where == "hugepage":
-        itemsize = torch.tensor([], dtype=dtype).element_size()
-        return torch.from_numpy(np.empty(count * itemsize, dtype=np.uint8)).view(dtype)
+        return torch.from_numpy(np.empty(count * dtype.itemsize, dtype=np.uint8)).view(dtype)
     return torch.empty(count, dtype=dtype)
 
 

@@ -12,8 +12,8 @@ Where a timer could lie:
     end_backward() measures the same wait plus a few microseconds of bookkeeping.
   - t_optimizer includes the non-finite-gradient check (one norm per gradient tensor) unless
     --nonfinite off; for schemes that keep each worker's own gradient (parameter server,
-    none) the check runs before end_backward and is charged to t_comm_exposed's stopwatch
-    gap, not to t_optimizer.
+    none) the check runs between backward and end_backward instead, where no phase column
+    holds it; only t_step includes it.
   - the first steps include one-off costs (allocations, thread start-up); reports skip them.
   - on CPU all timers are wall-clock perf_counter readings around synchronous work. On CUDA
     the trainer synchronises the device before reading a timer (see `_sync`), so queued
@@ -225,16 +225,19 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _gradients_finite(self) -> bool:
+        """True if every gradient this worker holds is finite (one norm per tensor)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+    def _drop_gradients(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
     def _check_gradients(self, step: int, local_nonfinite: bool) -> bool:
         """After the exchange every worker holds the same averaged gradient, so all of them
         reach the same verdict here without extra communication. Returns True to skip the update."""
-        if self.cfg.nonfinite == "off":
-            return False
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return False
-        total = torch.stack(torch._foreach_norm(grads)).sum()
-        if bool(torch.isfinite(total)):
+        if self.cfg.nonfinite == "off" or self._gradients_finite():
             return False
         # Rare path: find out which ranks produced it (one small collective, on every worker).
         flags = np.zeros(self.world)
@@ -245,8 +248,7 @@ class Trainer:
         if self.cfg.nonfinite == "skip":
             if self.rank == 0:
                 print(f"[RANK0] {msg}; update skipped (--nonfinite skip)", file=sys.stderr, flush=True)
-            for p in self.model.parameters():
-                p.grad = None
+            self._drop_gradients()
             return True
         raise NonFiniteGradientError(msg + ". Lower --lr, or pass --nonfinite skip to drop such steps.")
 
@@ -256,16 +258,12 @@ class Trainer:
         collective: other workers may well be fine. --nonfinite stop raises (the job ends,
         naming this rank); skip drops the gradient (param.grad = None: a parameter server
         receives zeros from this worker for this step, and applies the others')."""
-        if self.cfg.nonfinite == "off":
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())):
+        if self.cfg.nonfinite == "off" or self._gradients_finite():
             return
         msg = f"non-finite gradient at step {step} on worker {self.rank}"
         if self.cfg.nonfinite == "skip":
             print(f"[worker {self.rank}] {msg}; its gradient is dropped for this step (--nonfinite skip)", file=sys.stderr, flush=True)
-            for p in self.model.parameters():
-                p.grad = None
+            self._drop_gradients()
             return
         raise NonFiniteGradientError(msg + ". Lower --lr, or pass --nonfinite skip to drop such gradients.")
 
