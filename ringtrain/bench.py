@@ -79,7 +79,10 @@ def _make_backends(names, world, args):
                 if args.op == "average":
                     t.div_(world.size)
 
-            made.append(_Backend("gloo", gloo_op))
+            # Closed before the interpreter exits: gloo's worker threads still hold tensors
+            # otherwise, and one that releases its last reference during interpreter shutdown
+            # aborts the process (SIGABRT, "terminate called without an active exception").
+            made.append(_Backend("gloo", gloo_op, dist.destroy_process_group))
         elif name == "horovod":
             made.append(horovod_backend(world, args))
         else:
