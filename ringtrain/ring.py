@@ -31,10 +31,21 @@ once: persistent MPI requests for every step, kept per (buffer address, size, dt
 name) and restarted on later calls. The layout check rides on those same messages: every
 message's tag is a hash of the layout, and every receive's tag is compared
 with this rank's own (see `_Plan`), so checking costs no extra message.
+
+Shared memory. When every rank is on one node, `Ring.empty` hands out tensors in memory that
+all ranks map. An all-reduce of such a tensor needs no messages: each rank sums its own
+segment straight out of its peers' tensors, then copies the other segments from their
+owners (`_shared_allreduce`). That saves the ring's scratch copy of every received segment
+and the kernel's page pinning per message; on four ranks sharing two cores it halves the
+time of a large all-reduce (BENCHMARKS.md). The trainer's gradient buckets come from there.
 """
 from __future__ import annotations
 
 import functools
+import mmap
+import os
+import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -48,6 +59,15 @@ from ringtrain.engine import Engine, Handle
 # few µs) is small against the transfer; small enough that a multi-MiB segment is split into
 # several chunks, so the network moves chunk k+1 while this rank adds chunk k.
 DEFAULT_CHUNK_BYTES = 1 << 20
+
+# Smallest buffer in shared memory (Ring.empty) that takes the shared-memory path; smaller
+# ones take the ring's messages. The shared path synchronises with two barriers besides the
+# layout check, 20-25 µs each on two ranks here, which the ring's messages beat below about
+# 1 MiB at N = 2 (and about 256 KiB at N = 4): measured with `bench allreduce --buffers shared`.
+# The environment variable RINGTRAIN_SHARED_MIN_BYTES overrides it (read when a Ring is made).
+SHARED_MIN_BYTES = 512 << 10
+# Where Ring.empty's memory lives: a tmpfs every rank of the node sees.
+SHM_DIR = "/dev/shm"
 
 # Polite waiting (see Waiter): first sleep and longest sleep between MPI_Test calls.
 # The longest sleep bounds the latency a polite wait adds once the message is there.
@@ -241,10 +261,12 @@ PLAN_CACHE = 64
 _POISON = 0
 
 
-def _header(count: int, dtype: str, op: str, name: str | None, seq: int) -> list[int]:
+def _header(count: int, dtype: str, op: str, name: str | None, seq: int, place: tuple[int, int] | None = None) -> list[int]:
     """What every rank must agree on for one call, as integers: count, dtype code, op index,
-    crc32 of the tensor name (0 if none), call index."""
-    return [count, _DTYPES[dtype][0], OPS.index(op), zlib.crc32(name.encode()) if name else 0, seq]
+    crc32 of the tensor name (0 if none), call index, and where the buffer lies: 1 + the
+    index of the shared block it is in and its byte offset there (0, 0: private memory)."""
+    k, off = (place[0] + 1, place[1]) if place is not None else (0, 0)
+    return [count, _DTYPES[dtype][0], OPS.index(op), zlib.crc32(name.encode()) if name else 0, seq, k, off]
 
 
 class _Plan:
@@ -279,6 +301,65 @@ class _Plan:
         self.steps = ()
 
 
+class _SharedBlock:
+    """The memory of one Ring.empty call, mapped by every rank of a one-node ring: a file in
+    /dev/shm of N regions of `region` bytes (a whole number of pages), rank j's tensor at
+    the start of region j, `nbytes` long. The file is unlinked as soon as every rank has
+    mapped it (milliseconds after it was made), so a job that is killed later leaves nothing
+    in /dev/shm; the memory goes when the last mapping does (the block's and every tensor's
+    made from it)."""
+
+    __slots__ = ("mm", "raw", "base", "region", "nbytes")
+    warned = False  # class attribute: see create
+
+    @classmethod
+    def create(cls, comm, nbytes: int) -> "_SharedBlock | None":
+        """Collective. None on every rank (with a warning from rank 0) when any rank could not
+        map the file: the caller then falls back to private memory."""
+        N, r = comm.Get_size(), comm.Get_rank()
+        region = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        path, err = None, None
+        if r == 0:
+            try:
+                fd, path = tempfile.mkstemp(prefix="ringtrain-", dir=SHM_DIR)
+                try:
+                    # Reserve the pages now: a full tmpfs fails here (ENOSPC) instead of killing
+                    # a rank with SIGBUS when it first touches a page.
+                    os.posix_fallocate(fd, 0, N * region)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                err = f"{SHM_DIR}: {e}"
+        path, err = comm.bcast((path, err), root=0)  # control values, not data: pickle is fine
+        mm = None
+        if err is None:
+            try:
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    mm = mmap.mmap(fd, N * region)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                err = f"rank {r}: {e}"
+        errs = comm.allgather(err)  # also the barrier after which the name is no longer needed
+        if r == 0 and path is not None:
+            os.unlink(path)
+        failed = [e for e in errs if e is not None]
+        if failed:
+            if mm is not None:
+                mm.close()
+            if r == 0 and not cls.warned:
+                cls.warned = True  # once per process: a full /dev/shm fails every later block too
+                print(f"ringtrain: no shared memory for the ring's buffers ({failed[0]}); using private memory "
+                      f"for what does not fit", file=sys.stderr, flush=True)
+            return None
+        block = cls()
+        block.mm, block.region, block.nbytes = mm, region, nbytes
+        block.raw = np.frombuffer(mm, dtype=np.uint8)  # every rank's regions, as bytes
+        block.base = block.raw.__array_interface__["data"][0]
+        return block
+
+
 class Ring:
     """A ring over a duplicate of `comm` (collective constructor: every rank calls it).
 
@@ -311,6 +392,10 @@ class Ring:
                  this ring: non-blocking (waited on politely or not) when constructed polite,
                  the blocking MPI_Allreduce otherwise, which costs a third as much on one
                  node. Every rank must construct its ring alike: the two kinds do not match.
+
+    Shared memory: `empty()` hands out tensors whose all-reduce on one node needs no
+    messages (see the module docstring and `empty`); the trainer keeps its gradient
+    buckets there.
     """
 
     CHECKS = ("always", "collective", "never")
@@ -324,7 +409,8 @@ class Ring:
         self.comm = (comm if comm is not None else MPI.COMM_WORLD).Dup()
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        self.chunk_bytes = default_chunk_bytes(self.comm) if chunk_bytes is None else int(chunk_bytes)
+        self.one_node = all_on_one_node(self.comm)
+        self.chunk_bytes = default_chunk_bytes(self.comm, self.one_node) if chunk_bytes is None else int(chunk_bytes)
         self.check = check
         # Same on every rank (check and chunk_bytes are), as it must be: it decides whether a
         # collective precedes each call.
@@ -342,6 +428,8 @@ class Ring:
         self._engine = Engine(f"ringtrain-ring-{self.rank}")
         self._tmp = np.empty(0, dtype=np.uint8)  # scratch the reduce-scatter receives into
         self._plans: dict[tuple, _Plan] = {}  # insertion order = least recently used first
+        self._blocks: list[_SharedBlock] = []  # shared memory handed out by empty(), in order
+        self.shared_min_bytes = int(os.environ.get("RINGTRAIN_SHARED_MIN_BYTES", SHARED_MIN_BYTES))
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -386,10 +474,64 @@ class Ring:
         """Wait for an async call; returns its buffer, re-raises its error."""
         return handle.wait()
 
+    def empty(self, count: int, dtype=None):
+        """A zero-filled 1-D torch tensor of `count` elements (`dtype` float32 by default) for
+        this ring's all-reduces, in shared memory when the ring is on one node. Collective:
+        every rank calls it with the same count and dtype, while no async call is pending.
+
+        When every rank of the ring shares this node, the tensors of one call lie in one file
+        in /dev/shm that all ranks map (rank j's in the j-th page-aligned region), and an
+        all-reduce of such a tensor, or of the same slice of it on every rank, takes the
+        shared-memory path (`_shared_allreduce`): no messages and no scratch copy. Otherwise
+        (ranks on several nodes, a single rank, /dev/shm unusable) it is an ordinary tensor
+        and the ring runs as usual; both give the same sums.
+
+        The tensor stays valid after close(): the mapping lives as long as any tensor on it.
+        Once a ring has handed out shared memory, every call on it starts with the collective
+        layout check, whatever `check` says: the shared path needs that barrier anyway (all
+        inputs written before any rank reads its peers'), and a call in which some ranks pass
+        shared memory and others do not must fail on every rank (RingMismatchError), not hang.
+        Buffers under `shared_min_bytes` (SHARED_MIN_BYTES) take the ring's messages even
+        there: below it the shared path's two extra barriers cost more than they save.
+        """
+        import torch
+
+        MPI = _mpi()
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"Ring.empty supports {sorted(_DTYPES)}, got {dtype}")
+        count = int(count)
+        if count < 0:
+            raise ValueError(f"Ring.empty needs a count >= 0, got {count}")
+        if not self._engine.idle:
+            raise RuntimeError("Ring.empty is collective: call it while no async all-reduce is pending")
+        nbytes = count * torch.tensor([], dtype=dtype).element_size()
+        # Every rank must ask alike: a rank reads its peers' tensors at its own offset.
+        both = np.array([nbytes, -nbytes], dtype=np.int64)
+        out = np.empty_like(both)
+        self.comm.Allreduce(both, out, op=MPI.MAX)
+        if out[0] != -out[1]:
+            sizes = self.comm.allgather(nbytes)
+            raise RingMismatchError(
+                "Ring.empty called with different sizes across ranks: "
+                + "; ".join(f"rank {r}: {b} bytes" for r, b in enumerate(sizes))
+                + ". Every rank must allocate the same buffers in the same order."
+            )
+        block = None
+        if self.size > 1 and self.one_node and nbytes > 0:
+            block = _SharedBlock.create(self.comm, nbytes)
+        if block is None:
+            return torch.zeros(count, dtype=dtype)
+        self._blocks.append(block)
+        self._collective_check = True  # see above; the same on every rank (empty is collective)
+        self._plans_only = False
+        return torch.frombuffer(block.mm, dtype=dtype, count=count, offset=self.rank * block.region)
+
     def close(self) -> None:
         """Stop the background thread and free the communicator. Collective."""
         self._engine.close()
         self._drop_plans()
+        self._blocks = []  # tensors from empty() keep their memory mapped while they live
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
@@ -416,15 +558,22 @@ class Ring:
         `arr` is the wire view of `buf` (as_wire_array)."""
         stats = CallStats(count=arr.size, dtype=dtype)
         t0 = time.perf_counter()
-        if self._collective_check:
-            check_layout(self.comm, arr.size, dtype, op, name, seq, self._check_waiter)
+        collective = self._collective_check  # read once: empty() may switch it on between calls
+        # Where the buffer lies, if in shared memory and large enough for the shared path. It
+        # goes into the layout check, so a rank that would take the shared path and one that
+        # would not (private memory, or another threshold) fail the check together.
+        place = self._find_shared(arr) if self._blocks and arr.nbytes >= self.shared_min_bytes else None
+        if collective:
+            check_layout(self.comm, arr.size, dtype, op, name, seq, self._check_waiter, place)
             t1 = time.perf_counter()
             stats.t_wait_peers = t1 - t0
         else:
             t1 = t0
+        if place is not None:  # the check above has shown every rank's buffer at this place
+            stats.bytes_sent, stats.bytes_recv = self._shared_allreduce(arr, dtype, op, place)
         # An empty buffer moves no data, but unless a collective check has shown that every
         # rank's is empty, the ring runs its (empty) messages: they carry the check.
-        if self.size > 1 and (arr.size > 0 or not self._collective_check):
+        elif self.size > 1 and (arr.size > 0 or not collective):
             stats.bytes_sent, stats.bytes_recv = self._ring(buf, arr, dtype, op, name, seq)
         stats.t_ring = time.perf_counter() - t1
         self._record(stats)
@@ -596,6 +745,71 @@ class Ring:
             self._tmp = np.empty(nbytes, dtype=np.uint8)
         return self._tmp[:nbytes]
 
+    def is_shared(self, buf) -> bool:
+        """Whether an all-reduce of `buf` (numpy array or CPU tensor) on this ring takes the
+        shared-memory path: it lies in memory from empty(). Local, no communication."""
+        return bool(self._blocks) and self._find_shared(as_wire_array(buf)[0]) is not None
+
+    def _find_shared(self, arr: np.ndarray) -> tuple[int, int] | None:
+        """(index of the shared block, byte offset in this rank's region) when `arr` lies in
+        memory from empty(), else None."""
+        addr = arr.__array_interface__["data"][0]
+        for k, block in enumerate(self._blocks):
+            lo = block.base + self.rank * block.region
+            if lo <= addr and addr + arr.nbytes <= lo + block.nbytes:
+                return k, addr - lo
+        return None
+
+    def _barrier(self) -> None:
+        """A barrier of the kind the layout check uses (non-blocking and waited on by the
+        waiter when the ring was constructed polite)."""
+        if self._check_waiter is not None:
+            self._check_waiter.waitall([self.comm.Ibarrier()])
+        else:
+            self.comm.Barrier()
+
+    def _shared_allreduce(self, arr: np.ndarray, dtype: str, op: str, place: tuple[int, int]) -> tuple[int, int]:
+        """All-reduce of a buffer in shared memory, in place. Called by _run right after the
+        collective layout check, which has shown every rank's buffer at the same `place` with
+        the same layout, and, being collective, that every rank's input is written.
+
+        1. Reduce: rank r owns segment r (the ring's segments) and adds its peers' segment r
+           into its own, reading their memory directly. Nobody else touches segment r of rank
+           r's buffer now, and the peers' segment r is only read (each peer is busy with its
+           own segment).
+        2. Barrier: every segment is final in its owner's buffer.
+        3. Gather: rank r copies every other segment j from its owner, rank j.
+        4. Barrier: no peer reads this rank's buffer any more, so the caller may write it.
+
+        Returns (bytes its peers read from this rank, bytes this rank read from its peers):
+        both 2(N-1)/N of the buffer give or take an element, as for the ring. Each add
+        rounds to the buffer's dtype, as in the ring (which adds in another order).
+        """
+        N, r, isz, n = self.size, self.rank, arr.itemsize, arr.size
+        block = self._blocks[place[0]]
+        start = place[1]
+        bounds = _bounds(n, N)
+        add, divide = _reducer(dtype)
+
+        def peer(j: int, lo: int, hi: int) -> np.ndarray:  # elements [lo, hi) of rank j's buffer
+            a = j * block.region + start + lo * isz
+            return block.raw[a : a + (hi - lo) * isz].view(arr.dtype)
+
+        lo, hi = bounds[r], bounds[r + 1]
+        mine = arr[lo:hi]
+        for j in range(N):
+            if j != r:
+                add(mine, peer(j, lo, hi), out=mine)
+        if op == "average":
+            divide(mine, N, out=mine)
+        self._barrier()
+        for j in range(N):
+            if j != r:
+                np.copyto(arr[bounds[j] : bounds[j + 1]], peer(j, bounds[j], bounds[j + 1]))
+        self._barrier()
+        moved = ((N - 1) * (hi - lo) + n - (hi - lo)) * isz
+        return moved, moved
+
     def _drop_plans(self) -> None:
         for plan in self._plans.values():
             plan.free()
@@ -624,19 +838,28 @@ class Ring:
         return _mismatch_error(self.comm, _header(plan.count, plan.dtype, op, name, seq), name)
 
 
-def default_chunk_bytes(comm) -> int:
-    """The pipeline chunk a Ring over `comm` uses by default: 0 (whole segments) when all of
-    its ranks share this node, DEFAULT_CHUNK_BYTES when any link crosses nodes. Collective
-    (MPI_Comm_split_type). Every rank gets the same answer without further agreement: either
-    one node holds all ranks, and each sees it, or no node does."""
+def all_on_one_node(comm) -> bool:
+    """Whether every rank of `comm` shares this node. Collective (MPI_Comm_split_type). Every
+    rank gets the same answer without further agreement: either one node holds all ranks,
+    and each sees it, or no node does."""
     MPI = _mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     one_node = node.Get_size() == comm.Get_size()
     node.Free()
+    return one_node
+
+
+def default_chunk_bytes(comm, one_node: bool | None = None) -> int:
+    """The pipeline chunk a Ring over `comm` uses by default: 0 (whole segments) when all of
+    its ranks share this node, DEFAULT_CHUNK_BYTES when any link crosses nodes. Collective
+    unless `one_node` (all_on_one_node's answer) is given."""
+    if one_node is None:
+        one_node = all_on_one_node(comm)
     return 0 if one_node else DEFAULT_CHUNK_BYTES
 
 
-def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: int, waiter: Waiter | None = None) -> None:
+def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: int, waiter: Waiter | None = None,
+                 place: tuple[int, int] | None = None) -> None:
     """Collective agreement on one all-reduce's layout; raises RingMismatchError on every
     rank if any rank disagrees on element count, dtype, op, tensor name or call index.
 
@@ -646,10 +869,11 @@ def check_layout(comm, count: int, dtype: str, op: str, name: str | None, seq: i
     wait for the slowest peer (arrival skew). With a `waiter` the Allreduce is the
     non-blocking kind, completed by the waiter (politely or not, whatever it is set to when
     the call comes); without one, the blocking kind. Every rank must pass a waiter or none
-    alike: blocking and non-blocking collectives do not match each other.
+    alike: blocking and non-blocking collectives do not match each other. `place`: where the
+    buffer lies in a ring's shared memory (see Ring.empty), None for private memory.
     """
     MPI = _mpi()
-    fields = _header(count, dtype, op, name, seq)
+    fields = _header(count, dtype, op, name, seq, place)
     both = np.array(fields + [-v for v in fields], dtype=np.int64)
     out = np.empty_like(both)
     if waiter is None:
@@ -670,9 +894,10 @@ def _mismatch_error(comm, header: list[int], name: str | None) -> RingMismatchEr
     comm.Allgather(np.array(header, dtype=np.int64), table)
     lines = [
         f"rank {r}: {c} x {_CODE_TO_DTYPE.get(int(dt), '?')} op={OPS[int(o)]} call #{sq}"
-        for r, (c, dt, o, nh, sq) in enumerate(table)
+        + (f" via shared memory (block #{k - 1}, byte {off})" if k else (" via messages" if table[:, 5].any() else ""))
+        for r, (c, dt, o, nh, sq, k, off) in enumerate(table)
     ]
-    fields = ("element counts", "dtypes", "ops", "tensor names", "call order")
+    fields = ("element counts", "dtypes", "ops", "tensor names", "call order", "paths (shared memory or messages)", "shared-memory offsets")
     what = [f for i, f in enumerate(fields) if table[:, i].min() != table[:, i].max()] or ["layouts"]
     return RingMismatchError(
         f"all-reduce mismatch across ranks ({', '.join(what)} differ"

@@ -247,3 +247,142 @@ def test_mpi_scheme_allreduce_average_matches_closed_form(polite, dtype):
         mpi_allreduce_average_(WORLD, x, name="t", waiter=Waiter(True) if polite else None)
         expect = ((torch.arange(count) % 5).double() * (N + 1) / 2).to(dtype)
         assert torch.equal(x, expect), f"count {count}"
+
+
+# ---- shared memory (Ring.empty) ------------------------------------------------------------
+
+
+@pytest.fixture(params=["blocking", "polite"])
+def shared_ring(request, monkeypatch):
+    """A ring that hands out shared memory, with the shared path taken from 1 byte up (the
+    default threshold would send every awkward size here through the messages instead).
+    Counts the calls that took the shared path."""
+    monkeypatch.setenv("RINGTRAIN_SHARED_MIN_BYTES", "1")
+    r = Ring(WORLD, polite=request.param == "polite")
+    r.shared_calls = 0
+    inner = r._shared_allreduce
+
+    def counted(*args):
+        r.shared_calls += 1
+        return inner(*args)
+
+    r._shared_allreduce = counted
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["sum", "average"])
+def test_shared_buffers_match_closed_form_and_mpi_allreduce(shared_ring, dtype, op):
+    ring = shared_ring
+    for count in sizes(N) + [1_000_003]:
+        t = ring.empty(count, dtype)
+        assert t.dtype == dtype and t.shape == (count,) and not t.any()  # zero-filled
+        assert ring.is_shared(t) == (N > 1 and count > 0)  # one node here
+        g = torch.Generator().manual_seed(count)  # the same on every rank
+        x = torch.randint(-8, 9, (count,), generator=g).to(dtype)
+        t.copy_(x)
+        ptr, before = t.data_ptr(), ring.shared_calls
+        assert ring.allreduce_(t, op=op) is t and t.data_ptr() == ptr
+        assert torch.equal(t, x * N if op == "sum" else x), f"closed form, count {count}"
+        assert ring.shared_calls == before + (N > 1 and count > 0)
+        y = torch.randn(count, generator=torch.Generator().manual_seed(1000 * R + count)).to(dtype)
+        ref = y.double().numpy().copy()
+        WORLD.Allreduce(MPI.IN_PLACE, ref, op=MPI.SUM)
+        if op == "average":
+            ref /= N
+        t.copy_(y)
+        ring.allreduce_(t, op=op)
+        np.testing.assert_allclose(t.double().numpy(), ref, rtol=TOL[dtype] * N, atol=TOL[dtype] * N, err_msg=f"count {count}")
+
+
+def test_shared_slices_async_calls_and_exact_bytes(shared_ring):
+    ring = shared_ring
+    t = ring.empty(5000)
+    t.fill_(float(R + 1))
+    part = t[1000:3003]  # the same slice on every rank: reduced via shared memory too
+    ring.allreduce_(part, op="sum")
+    total = N * (N + 1) / 2
+    assert torch.all(t[1000:3003] == total) and torch.all(t[:1000] == R + 1) and torch.all(t[3003:] == R + 1)
+    sent, recv = ring.last.bytes_sent, ring.last.bytes_recv
+    both = np.array([sent, recv], dtype=np.int64)
+    WORLD.Allreduce(MPI.IN_PLACE, both, op=MPI.SUM)
+    assert both[0] == both[1] == 2 * (N - 1) * 2003 * 4  # across ranks, as for the ring
+    bufs = [ring.empty(k) for k in (5, 1009, 3, 70001)]
+    for b in bufs:
+        b.fill_(float(R + 1))
+    handles = [ring.allreduce_async_(b, op="sum", name=f"t{i}") for i, b in enumerate(bufs)]
+    with pytest.raises(RuntimeError, match="pending"):
+        ring.empty(10)
+    for h, b in zip(handles, bufs):
+        assert ring.synchronize(h) is b and torch.all(b == total)
+    assert np.isnan(ring.last.t_wait_peers) == (N == 1)  # on shared memory the layout check is collective
+
+
+def test_shared_and_private_buffers_mixed_across_ranks_raise_on_every_rank(shared_ring):
+    ring = shared_ring
+    if N == 1:
+        pytest.skip("a mismatch needs two ranks")
+    shared = ring.empty(100)
+    mine = torch.ones(100) if R == 0 else shared.fill_(1.0)
+    with pytest.raises(RingMismatchError, match="paths") as e:
+        ring.allreduce_(mine, op="sum")
+    assert "rank 0: 100 x float32 op=sum call #0 via messages" in str(e.value)
+    with pytest.raises(RingMismatchError, match="shared-memory offsets"):
+        ring.allreduce_(shared[R : R + 50], op="sum")  # a different slice on every rank
+    with pytest.raises(RingMismatchError, match="element counts"):
+        ring.allreduce_(shared[: 50 + R], op="sum")
+    shared.fill_(float(R + 1))  # and the ring still works
+    ring.allreduce_(shared, op="sum")
+    assert torch.all(shared == N * (N + 1) / 2)
+
+
+def test_shared_allocation_of_different_sizes_raises_on_every_rank():
+    ring = Ring(WORLD)
+    try:
+        if N > 1:
+            with pytest.raises(RingMismatchError, match=f"rank 0: 400 bytes; rank 1: 404 bytes"):
+                ring.empty(100 + (R > 0))
+        with pytest.raises(ValueError, match=">= 0"):
+            ring.empty(-1)
+        with pytest.raises(TypeError, match="supports"):
+            ring.empty(4, torch.int32)
+    finally:
+        ring.close()
+
+
+def test_shared_memory_outlives_the_ring_and_leaves_no_file():
+    import glob
+
+    ring = Ring(WORLD)
+    t = ring.empty(1 << 20)
+    t.fill_(float(R + 1))
+    ring.allreduce_(t, op="sum")  # 4 MiB: over the default threshold, the shared path
+    assert ring.is_shared(t) == (N > 1)
+    ring.close()
+    t += 1  # still mapped: no crash, and still this rank's own memory
+    assert torch.all(t == N * (N + 1) / 2 + 1)
+    WORLD.Barrier()
+    assert not glob.glob("/dev/shm/ringtrain-*")  # unlinked as soon as every rank had mapped it
+    solo = Ring(MPI.COMM_SELF)
+    assert not solo.is_shared(solo.empty(10))  # one rank: ordinary memory
+    solo.close()
+
+
+def test_without_usable_shared_memory_the_ring_falls_back_to_private_memory(monkeypatch, capsys):
+    import ringtrain.ring as ring_module
+
+    monkeypatch.setattr(ring_module, "SHM_DIR", "/nonexistent-ringtrain-dir")
+    monkeypatch.setattr(ring_module._SharedBlock, "warned", False)
+    ring = Ring(WORLD)
+    try:
+        t = ring.empty(1 << 20)
+        assert not ring.is_shared(t) and not t.any()
+        t.fill_(float(R + 1))
+        ring.allreduce_(t, op="sum")
+        assert torch.all(t == N * (N + 1) / 2)
+        err = capsys.readouterr().err
+        if N > 1 and R == 0:
+            assert "no shared memory" in err and "/nonexistent-ringtrain-dir" in err
+    finally:
+        ring.close()
