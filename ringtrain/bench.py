@@ -28,8 +28,9 @@ from ringtrain.cli import parse_size
 class _Backend:
     """One all-reduce implementation under test: op(tensor) reduces in place (sum or average)."""
 
-    def __init__(self, name, op, close=lambda: None):
+    def __init__(self, name, op, close=lambda: None, ring=None):
         self.name, self.op, self.close = name, op, close
+        self.ring = ring  # the Ring behind "ring"
 
 
 def _make_backends(names, world, args):
@@ -41,7 +42,7 @@ def _make_backends(names, world, args):
     for name in names:
         if name == "ring":
             ring = Ring(world.comm, chunk_bytes=args.chunk_bytes, check=args.check, polite=args.comm_wait == "sleep")
-            made.append(_Backend("ring", lambda t, ring=ring: ring.allreduce_(t, op=args.op), ring.close))
+            made.append(_Backend("ring", lambda t, ring=ring: ring.allreduce_(t, op=args.op), ring.close, ring))
         elif name == "mpi":
             from ringtrain.schemes.mpi import mpi_allreduce_average_
 
@@ -106,9 +107,12 @@ def _pattern(count, dtype, rank):
     return base * (rank + 1), base
 
 
-def _buffer(count, dtype, where: str) -> torch.Tensor:
+def _buffer(count, dtype, where: str, ring=None) -> torch.Tensor:
     """An uninitialised 1-D tensor from torch's allocator, or from numpy's ('hugepage'): numpy
-    advises the kernel to back arrays of 4 MiB and more with transparent huge pages."""
+    advises the kernel to back arrays of 4 MiB and more with transparent huge pages; or the
+    ring's shared memory ('shared': Ring.empty, collective)."""
+    if where == "shared":
+        return ring.empty(count, dtype)
     if where == "hugepage":
         return torch.from_numpy(np.empty(count * dtype.itemsize, dtype=np.uint8)).view(dtype)
     return torch.empty(count, dtype=dtype)
@@ -127,10 +131,21 @@ def bench_allreduce(args) -> list[dict]:
     dtype = getattr(torch, args.dtype)
     itemsize = torch.tensor([], dtype=dtype).element_size()
     backends = _make_backends(names, world, args)
+    # --buffers shared: every backend's buffers come from one ring's shared memory (Ring.empty)
+    alloc_ring = None
+    if args.buffers == "shared":
+        from ringtrain.ring import Ring
+
+        alloc_ring = next((b.ring for b in backends if b.name == "ring"), None)
+        if alloc_ring is None:  # no ring under test: one just to allocate, closed at the end
+            alloc_ring = Ring(world.comm)
     n = world.size
+    buffers = args.buffers
+    if buffers == "shared" and (n == 1 or not alloc_ring.one_node):
+        buffers = "shared (private memory here: one rank, or ranks on several nodes)"
     rows = []
     if world.rank == 0:
-        print(f"# ringtrain bench allreduce: {n} ranks, op {args.op}, dtype {args.dtype}, {args.iters} iterations (median of the slowest rank), backends alternate, {args.buffers} buffers")
+        print(f"# ringtrain bench allreduce: {n} ranks, op {args.op}, dtype {args.dtype}, {args.iters} iterations (median of the slowest rank), backends alternate, {buffers} buffers")
         print(f"# {'size':>10} {'count':>12} {'type':>9} {'backend':>8} {'time':>10} {'algbw':>8} {'busbw':>8} {'#wrong':>7}")
         print(f"# {'(B)':>10} {'(elements)':>12} {'':>9} {'':>8} {'(us)':>10} {'(GB/s)':>8} {'(GB/s)':>8} {'':>7}")
     for size in sizes:
@@ -138,7 +153,7 @@ def bench_allreduce(args) -> list[dict]:
         src, base = _pattern(count, dtype, world.rank)
         total = n * (n + 1) / 2
         expect = (base.double() * total / (n if args.op == "average" else 1)).to(dtype)
-        bufs = {b.name: _buffer(count, dtype, args.buffers) for b in backends}
+        bufs = {b.name: _buffer(count, dtype, args.buffers, alloc_ring) for b in backends}
         # The check below runs between timed calls and must allocate nothing: large temporary
         # tensors are mmap'ed and unmapped by malloc, and the page faults and cache misses
         # that leaves behind doubled the time of the next timed all-reduce (measured at 1 MiB).
@@ -176,7 +191,7 @@ def bench_allreduce(args) -> list[dict]:
             row = {
                 "backend": b.name, "nranks": n, "size_bytes": nbytes, "count": count, "dtype": args.dtype, "op": args.op,
                 "time_s": t, "algbw_GBps": algbw, "busbw_GBps": algbw * 2 * (n - 1) / n if n > 1 else algbw,
-                "wrong": int(wsum[0]), "iters": args.iters, "buffers": args.buffers,
+                "wrong": int(wsum[0]), "iters": args.iters, "buffers": buffers,
                 "times_s": slowest.tolist(),  # per iteration, slowest rank: pairs with other backends' by index
             }
             rows.append(row)
@@ -190,6 +205,8 @@ def bench_allreduce(args) -> list[dict]:
             print(f"# rows written to {args.json}")
     for b in backends:
         b.close()
+    if alloc_ring is not None and not any(b.ring is alloc_ring for b in backends):
+        alloc_ring.close()
     return rows
 
 
@@ -235,9 +252,9 @@ def bench_train(args) -> dict:
     for name in names:
         scheme_name, _, variant = name.partition("+")
         variants = set(variant.split("+")) if variant else set()
-        unknown = variants - {"nolog", "nooverlap", "spin", "sleep"}
+        unknown = variants - {"nolog", "nooverlap", "spin", "sleep", "private"}
         if unknown:
-            raise ValueError(f"unknown variant {'+'.join(sorted(unknown))!r} in {name!r}: use BACKEND, BACKEND+nolog, BACKEND+nooverlap, BACKEND+spin, BACKEND+sleep")
+            raise ValueError(f"unknown variant {'+'.join(sorted(unknown))!r} in {name!r}: use BACKEND, BACKEND+nolog, BACKEND+nooverlap, BACKEND+spin, BACKEND+sleep, ring+private")
         base = name.replace("+nolog", "")
         if "nolog" in variants and base in names:
             # Same trainer, same model, log switched off for its rounds: isolates what logging costs.
@@ -246,7 +263,8 @@ def bench_train(args) -> dict:
         torch.manual_seed(0)
         model = build_model(args.model, data.shape, data.classes)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap and "nooverlap" not in variants, "comm_wait": next((v for v in ("spin", "sleep") if v in variants), args.comm_wait)}
+        config = {"bucket_cap_mb": args.bucket_cap_mb, "overlap": args.overlap and "nooverlap" not in variants, "comm_wait": next((v for v in ("spin", "sleep") if v in variants), args.comm_wait),
+                  "grad_buffers": "private" if "private" in variants else "shared"}
         scheme = make_scheme(scheme_name, world, config)
         loader = ShardedLoader(data.x_train, data.y_train, args.batch_size, scheme.worker_rank, scheme.num_workers, seed=0)
         cfg = TrainConfig(batch_size=args.batch_size, progress=False, nonfinite="off", warmup_steps=0)

@@ -46,3 +46,20 @@ def test_bench_allreduce_on_huge_page_buffers(tmp_path):
         rows = json.load(open(out))
         assert len(rows) == 4 and all(r["wrong"] == 0 and r["buffers"] == "hugepage" for r in rows), rows
         assert "hugepage buffers" in proc.stdout
+
+
+@pytest.mark.parametrize("backends", ["ring,mpi,gloo", "mpi"])
+def test_bench_allreduce_on_the_rings_shared_memory(tmp_path, backends):
+    """--buffers shared: every backend's buffers from Ring.empty (also when no ring is timed),
+    results checked as always, on 1K (the ring's messages) and 5M (the shared path), for a
+    16-bit dtype too; the choice is recorded, and a one-rank run says that it got private memory."""
+    import json
+
+    for n, dtype in ((3, "float32"), (2, "bfloat16"), (1, "float32")):
+        out = tmp_path / f"{n}-{dtype}.json"
+        proc = ok(run_mpi(n, ["-m", "ringtrain", "bench", "allreduce", "--backends", backends, "--sizes", "1K,5M",
+                              "--iters", "2", "--dtype", dtype, "--buffers", "shared", "--json", str(out)]))
+        rows = json.load(open(out))
+        assert len(rows) == 2 * len(backends.split(",")) and all(r["wrong"] == 0 for r in rows), rows
+        expect = "shared" if n > 1 else "shared (private memory here: one rank, or ranks on several nodes)"
+        assert all(r["buffers"] == expect for r in rows) and f"{expect} buffers" in proc.stdout

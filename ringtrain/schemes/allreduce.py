@@ -46,7 +46,7 @@ from ringtrain.schemes.base import Scheme, StepStats, now
 class Bucket:
     __slots__ = ("index", "params", "offsets", "flat", "dev", "token", "ready", "handle", "t_start", "launched")
 
-    def __init__(self, index, params, dtype, staging=None):
+    def __init__(self, index, params, dtype, staging=None, alloc=None):
         self.index = index
         self.params = params
         self.offsets = []
@@ -54,9 +54,14 @@ class Bucket:
         for p in params:
             self.offsets.append(total)
             total += p.numel()
-        # flat: the buffer the all-reduce reads and writes (host memory). With staging, the
-        # gradients are first packed into `dev` (on the parameters' device) and copied over.
-        self.flat = staging.host_buffer(total, dtype) if staging else torch.zeros(total, dtype=dtype)
+        # flat: the buffer the all-reduce reads and writes (host memory, zero-filled): from
+        # `alloc(count, dtype)` when given (a scheme's own memory, e.g. the ring's shared
+        # buffers). With staging, the gradients are first packed into `dev` (on the
+        # parameters' device) and copied over into pinned host memory.
+        if staging:
+            self.flat = staging.host_buffer(total, dtype)
+        else:
+            self.flat = alloc(total, dtype) if alloc else torch.zeros(total, dtype=dtype)
         self.dev = staging.device_buffer(total, dtype, params[0].device) if staging else None
         self.token = None
         self.ready = 0
@@ -75,20 +80,20 @@ class Bucket:
         return self.flat.numel() * self.flat.element_size()
 
 
-def make_buckets(params, cap_bytes: int, staging=None) -> list[Bucket]:
+def make_buckets(params, cap_bytes: int, staging=None, alloc=None) -> list[Bucket]:
     """Group params (already in launch order) into buckets of <= cap_bytes and one dtype.
-    A parameter larger than the cap gets a bucket of its own."""
+    A parameter larger than the cap gets a bucket of its own. `alloc`: see Bucket."""
     buckets, current, size, dtype = [], [], 0, None
     for p in params:
         nbytes = p.numel() * p.element_size()
         if current and (size + nbytes > cap_bytes or p.dtype != dtype):
-            buckets.append(Bucket(len(buckets), current, dtype, staging))
+            buckets.append(Bucket(len(buckets), current, dtype, staging, alloc))
             current, size = [], 0
         current.append(p)
         size += nbytes
         dtype = p.dtype
     if current:
-        buckets.append(Bucket(len(buckets), current, dtype, staging))
+        buckets.append(Bucket(len(buckets), current, dtype, staging, alloc))
     return buckets
 
 
@@ -131,6 +136,12 @@ class BucketedAllreduce(Scheme):
         """Communicator for the initial broadcast (MPI); None to skip it."""
         return self.world.comm
 
+    def _alloc(self):
+        """How the host buckets are allocated: None for torch's allocator, or a function
+        (count, dtype) -> zero-filled tensor, called by every rank for the same buckets in
+        the same order (so it may be collective)."""
+        return None
+
     # ---- Scheme interface -------------------------------------------------------------
 
     def setup(self, model, optimizer):
@@ -144,7 +155,7 @@ class BucketedAllreduce(Scheme):
             from ringtrain.staging import make_staging
 
             self.staging = make_staging(params[0].device, force=bool(self.config.get("stage_through_host")))
-        self.buckets = make_buckets(list(reversed(params)), int(self.bucket_cap_mb * 2**20), self.staging)
+        self.buckets = make_buckets(list(reversed(params)), int(self.bucket_cap_mb * 2**20), self.staging, self._alloc())
         self._bucket_of_flat = {id(b.flat): b for b in self.buckets}
         for b in self.buckets:
             for i, p in enumerate(b.params):

@@ -110,6 +110,12 @@ class ElasticRingScheme(RingScheme):
     def _broadcast_comm(self):
         return self.comm
 
+    def _alloc(self):
+        # Private buckets: after a shrink the survivors' new ring could not use the old
+        # ring's shared memory (one region per rank of the old ring), and a peer that dies
+        # mid-step must not leave its half-written sums in memory the survivors read.
+        return None
+
     # ---- the step ---------------------------------------------------------------------
 
     def end_backward(self) -> None:

@@ -6,7 +6,7 @@ from ringtrain.schemes.allreduce import BucketedAllreduce
 
 
 class RingScheme(BucketedAllreduce):
-    """Config: chunk_bytes (pipeline chunk; None: chosen by locality, see Ring), check ("collective" (default: measures arrival skew) | "always" | "never", see Ring), plus the bucket options."""
+    """Config: chunk_bytes (pipeline chunk; None: chosen by locality, see Ring), check ("collective" (default: measures arrival skew) | "always" | "never", see Ring), grad_buffers ("shared" (default): the buckets come from Ring.empty, so on one node the ring reduces straight out of its peers' buckets; "private": torch's allocator), plus the bucket options."""
 
     name = "ring"
 
@@ -18,6 +18,12 @@ class RingScheme(BucketedAllreduce):
             polite=self.comm_wait != "spin",  # same on every rank: it fixes the check's collective kind
         )
         return super().setup(model, optimizer)
+
+    def _alloc(self):
+        grad_buffers = self.config.get("grad_buffers", "shared")
+        if grad_buffers not in ("shared", "private"):
+            raise ValueError(f"grad_buffers must be shared or private, got {grad_buffers!r}")
+        return self.ring.empty if grad_buffers == "shared" else None
 
     def _start(self, flat, name):
         if self.staging is not None:
@@ -38,4 +44,5 @@ class RingScheme(BucketedAllreduce):
         self.ring.close()
 
     def manifest(self) -> dict:
-        return {**super().manifest(), "chunk_bytes": self.ring.chunk_bytes, "layout_check": self.ring.check}
+        shared = bool(self.buckets) and self.ring.is_shared(self.buckets[0].flat)
+        return {**super().manifest(), "chunk_bytes": self.ring.chunk_bytes, "layout_check": self.ring.check, "grad_buffers": "shared" if shared else "private"}
