@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 55 minutes on 2 cores).
+# Every benchmark behind BENCHMARKS.md, on this machine, in one go (about 65 minutes on 2 cores).
 # Each command alternates its backends inside one MPI job; ratios come from the same run.
 #   OUT=bench-results bash scripts/benchmarks.sh
 set -euo pipefail
@@ -14,10 +14,18 @@ run() { echo "\$ $*" | tee -a "$OUT/log.txt"; "$@" 2>&1 | grep -v Warning | tee 
 
 # 1. all-reduce bandwidth: ring vs MPI_Allreduce vs torch gloo, N=2 and N=4, three runs in turn
 #    (a single run's ratio at 1 MiB moves by +-0.1 on this machine)
+#    then the same on the ring's shared memory (--buffers shared: where training keeps its
+#    gradient buckets; every backend's buffers there alike)
 for k in 1 2 3; do
     for n in 2 4; do
         run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
             --sizes 64K,256K,1M,4M,16M,64M --iters 50 --json "$OUT/allreduce-n$n-run$k.json"
+    done
+done
+for k in 1 2 3; do
+    for n in 2 4; do
+        run $MPIRUN -n $n python -m ringtrain bench allreduce --backends ring,mpi,gloo \
+            --sizes 64K,256K,1M,4M,16M,64M --iters 50 --buffers shared --json "$OUT/shared-n$n-run$k.json"
     done
 done
 # large messages on four ranks: page size, polite waiting, and single-copy shared memory off
@@ -35,9 +43,10 @@ run $MPIRUN -n 4 --mca smsc ^cma python -m ringtrain bench allreduce --backends 
 # where one ring call's time goes at 1 MiB: bare mpi4py ring vs Ring vs MPI_Allreduce
 run $MPIRUN -n 2 python scripts/ring_floor.py --size 1M --iters 500
 run $MPIRUN -n 4 python scripts/ring_floor.py --size 1M --iters 200
-# 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2;
-#    then the ring against itself polling MPI at full speed during backward (ring+spin)
-run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ddp,mpi --model resnet18 \
+# 2. training throughput, ResNet-18 on synthetic CIFAR-shaped data, batch 32 per rank, N=2
+#    (with the ring's buckets in torch's memory too: ring+private); then the ring against
+#    itself polling MPI at full speed during backward (ring+spin)
+run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+private,ddp,mpi --model resnet18 \
     --batch-size 32 --rounds 24 --steps-per-round 2 --warmup 1 --threads 1 --json "$OUT/train-resnet18-n2.json"
 run $MPIRUN -n 2 python -m ringtrain bench train --backends ring,ring+spin --model resnet18 \
     --batch-size 32 --rounds 12 --steps-per-round 2 --warmup 1 --threads 1 --json "$OUT/train-resnet18-spin-n2.json"
