@@ -40,9 +40,12 @@ class Run:
     @property
     def label(self) -> str:
         """Backend and workers, e.g. "ring n=4"; a parameter server adds its placement, which
-        tells two runs of one PS mode apart: "ps-sync colocated n=4", "ps-sync 1 server n=4"."""
+        tells two runs of one PS mode apart: "ps-sync colocated n=4", "ps-sync 1 server n=4";
+        a ring whose gradient buckets were not in shared memory says so: "ring private n=4"."""
         m = self.manifest
         name = m.get("backend", "?")
+        if m.get("scheme_grad_buffers") == "private":
+            name += " private"
         placement = m.get("scheme_ps_placement")
         if placement == "colocated":
             name += " colocated"

@@ -55,13 +55,15 @@ def test_runs_of_different_models_are_refused(runs, tmp_path):
     assert proc.returncode == 2 and "different models" in proc.stderr
 
 
-def test_labels_tell_parameter_server_placements_apart():
+def test_labels_tell_parameter_server_placements_and_ring_buffers_apart():
     from ringtrain.analysis import Run
 
     def label(**manifest):
         return Run(path="r", manifest=manifest, steps=None).label
 
     assert label(backend="ring", num_workers=4) == "ring n=4"
+    assert label(backend="ring", num_workers=4, scheme_grad_buffers="shared") == "ring n=4"
+    assert label(backend="ring", num_workers=2, scheme_grad_buffers="private") == "ring private n=2"
     assert label(backend="ps-sync", num_workers=4, scheme_ps_placement="colocated", scheme_ps_servers=0) == "ps-sync colocated n=4"
     assert label(backend="ps-sync", num_workers=3, scheme_ps_placement="dedicated", scheme_ps_servers=1) == "ps-sync 1 server n=3"
     assert label(backend="ps-async", num_workers=2, scheme_ps_placement="dedicated", scheme_ps_servers=2) == "ps-async 2 servers n=2"
