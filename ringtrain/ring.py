@@ -34,10 +34,12 @@ with this rank's own (see `_Plan`), so checking costs no extra message.
 
 Shared memory. When every rank is on one node, `Ring.empty` hands out tensors in memory that
 all ranks map. An all-reduce of such a tensor needs no messages: each rank sums its own
-segment straight out of its peers' tensors, then copies the other segments from their
-owners (`_shared_allreduce`). That saves the ring's scratch copy of every received segment
-and the kernel's page pinning per message; on four ranks sharing two cores it halves the
-time of a large all-reduce (BENCHMARKS.md). The trainer's gradient buckets come from there.
+segment straight out of its peers' tensors, then writes the result into theirs
+(`_shared_allreduce`). That saves the ring's scratch copy of every received segment and
+the kernel's page pinning per message, and takes two synchronisations per call instead of
+2(N-1) dependent steps; on four ranks sharing two cores it is 2.7-3.6x gloo from 4 MiB,
+where the ring's messages are 1.5-2.1x (BENCHMARKS.md). The trainer's gradient buckets
+come from there.
 """
 from __future__ import annotations
 
@@ -60,12 +62,6 @@ from ringtrain.engine import Engine, Handle
 # several chunks, so the network moves chunk k+1 while this rank adds chunk k.
 DEFAULT_CHUNK_BYTES = 1 << 20
 
-# Smallest buffer in shared memory (Ring.empty) that takes the shared-memory path; smaller
-# ones take the ring's messages. The shared path synchronises with two barriers besides the
-# layout check, 20-25 µs each on two ranks here, which the ring's messages beat below about
-# 1 MiB at N = 2 (and about 256 KiB at N = 4): measured with `bench allreduce --buffers shared`.
-# The environment variable RINGTRAIN_SHARED_MIN_BYTES overrides it (read when a Ring is made).
-SHARED_MIN_BYTES = 512 << 10
 # Where Ring.empty's memory lives: a tmpfs every rank of the node sees.
 SHM_DIR = "/dev/shm"
 
@@ -429,7 +425,6 @@ class Ring:
         self._tmp = np.empty(0, dtype=np.uint8)  # scratch the reduce-scatter receives into
         self._plans: dict[tuple, _Plan] = {}  # insertion order = least recently used first
         self._blocks: list[_SharedBlock] = []  # shared memory handed out by empty(), in order
-        self.shared_min_bytes = int(os.environ.get("RINGTRAIN_SHARED_MIN_BYTES", SHARED_MIN_BYTES))
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -491,8 +486,6 @@ class Ring:
         layout check, whatever `check` says: the shared path needs that barrier anyway (all
         inputs written before any rank reads its peers'), and a call in which some ranks pass
         shared memory and others do not must fail on every rank (RingMismatchError), not hang.
-        Buffers under `shared_min_bytes` (SHARED_MIN_BYTES) take the ring's messages even
-        there: below it the shared path's two extra barriers cost more than they save.
         """
         import torch
 
@@ -559,10 +552,9 @@ class Ring:
         stats = CallStats(count=arr.size, dtype=dtype)
         t0 = time.perf_counter()
         collective = self._collective_check  # read once: empty() may switch it on between calls
-        # Where the buffer lies, if in shared memory and large enough for the shared path. It
-        # goes into the layout check, so a rank that would take the shared path and one that
-        # would not (private memory, or another threshold) fail the check together.
-        place = self._find_shared(arr) if self._blocks and arr.nbytes >= self.shared_min_bytes else None
+        # Where the buffer lies, if in shared memory. It goes into the layout check, so ranks
+        # that would take different paths (shared memory, messages) fail the check together.
+        place = self._find_shared(arr) if self._blocks else None
         if collective:
             check_layout(self.comm, arr.size, dtype, op, name, seq, self._check_waiter, place)
             t1 = time.perf_counter()
@@ -774,38 +766,35 @@ class Ring:
         the same layout, and, being collective, that every rank's input is written.
 
         1. Reduce: rank r owns segment r (the ring's segments) and adds its peers' segment r
-           into its own, reading their memory directly. Nobody else touches segment r of rank
-           r's buffer now, and the peers' segment r is only read (each peer is busy with its
-           own segment).
-        2. Barrier: every segment is final in its owner's buffer.
-        3. Gather: rank r copies every other segment j from its owner, rank j.
-        4. Barrier: no peer reads this rank's buffer any more, so the caller may write it.
+           into its own, reading their memory directly.
+        2. Push: rank r writes the finished segment r into every peer's segment r.
+        3. Barrier: every rank has every segment, and no rank touches another's buffer
+           again in this call, so the caller may write its buffer.
+        Segment r of any rank's buffer is touched in this call by rank r alone (read in 1,
+        written in 2), so no other barrier is needed: two collectives per call, the check
+        and the barrier.
 
-        Returns (bytes its peers read from this rank, bytes this rank read from its peers):
-        both 2(N-1)/N of the buffer give or take an element, as for the ring. Each add
-        rounds to the buffer's dtype, as in the ring (which adds in another order).
+        Returns (bytes sent, bytes received) counted as the ring counts them, as bytes that
+        move between this rank's buffer and its peers': sent = its other segments, read by
+        their owners in 1, plus its pushes in 2; received = its reads in 1 plus the peers'
+        pushes into it in 2. Both are 2(N-1)/N of the buffer give or take an element. Each
+        add rounds to the buffer's dtype, as in the ring (which adds in another order).
         """
         N, r, isz, n = self.size, self.rank, arr.itemsize, arr.size
         block = self._blocks[place[0]]
         start = place[1]
         bounds = _bounds(n, N)
         add, divide = _reducer(dtype)
-
-        def peer(j: int, lo: int, hi: int) -> np.ndarray:  # elements [lo, hi) of rank j's buffer
-            a = j * block.region + start + lo * isz
-            return block.raw[a : a + (hi - lo) * isz].view(arr.dtype)
-
         lo, hi = bounds[r], bounds[r + 1]
+        a = start + lo * isz
+        peers = [block.raw[j * block.region + a : j * block.region + a + (hi - lo) * isz].view(arr.dtype) for j in range(N) if j != r]
         mine = arr[lo:hi]
-        for j in range(N):
-            if j != r:
-                add(mine, peer(j, lo, hi), out=mine)
+        for p in peers:
+            add(mine, p, out=mine)
         if op == "average":
             divide(mine, N, out=mine)
-        self._barrier()
-        for j in range(N):
-            if j != r:
-                np.copyto(arr[bounds[j] : bounds[j + 1]], peer(j, bounds[j], bounds[j + 1]))
+        for p in peers:
+            np.copyto(p, mine)
         self._barrier()
         moved = ((N - 1) * (hi - lo) + n - (hi - lo)) * isz
         return moved, moved

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import fails_with, mpi_env, ok, train
+from conftest import fails_with, ok, train
 from ringtrain.analysis import load_run
 
 STEPS = "12"
@@ -47,16 +47,15 @@ def test_ring_mpi_ddp_end_with_the_same_parameters(tmp_path):
 
 
 def test_no_overlap_every_wait_mode_and_layout_check_give_the_same_parameters_as_overlap(tmp_path):
-    # The mlp's buckets (0.05 MiB) are under the shared path's threshold: "shared-path" lowers
-    # it so that every bucket is summed straight out of shared memory, "private" keeps the
-    # buckets in torch's memory. At N = 2 every path adds the same two numbers: bitwise equal.
+    # Every mode but "private" sums the buckets straight out of the ring's shared memory;
+    # "private" (and "private-tags") keep them in torch's memory and send the ring's messages.
+    # At N = 2 every path adds the same two numbers: bitwise equal.
     modes = {"overlap": [], "no-overlap": ["--no-overlap"], "spin": ["--comm-wait", "spin"], "sleep": ["--comm-wait", "sleep"],
              "check-in-tags": ["--layout-check", "always"], "no-check": ["--layout-check", "never"],
-             "private": ["--grad-buffers", "private"], "shared-path": [], "shared-path-spin": ["--comm-wait", "spin"]}
+             "private": ["--grad-buffers", "private"], "private-tags": ["--grad-buffers", "private", "--layout-check", "always"]}
     for mode, flags in modes.items():
-        env = mpi_env(RINGTRAIN_SHARED_MIN_BYTES=1) if mode.startswith("shared-path") else None
         ok(train(2, "--model", "mlp", "--steps", "8", "--save-every", "0", "--bucket-cap-mb", "0.05", *flags,
-                 "--snapshot", str(tmp_path / f"{mode}.pt"), "--run-dir", str(tmp_path / mode), env=env))
+                 "--snapshot", str(tmp_path / f"{mode}.pt"), "--run-dir", str(tmp_path / mode)))
     a = params(tmp_path / "overlap.pt")
     for mode in modes:
         b = params(tmp_path / f"{mode}.pt")

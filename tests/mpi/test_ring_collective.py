@@ -253,11 +253,8 @@ def test_mpi_scheme_allreduce_average_matches_closed_form(polite, dtype):
 
 
 @pytest.fixture(params=["blocking", "polite"])
-def shared_ring(request, monkeypatch):
-    """A ring that hands out shared memory, with the shared path taken from 1 byte up (the
-    default threshold would send every awkward size here through the messages instead).
-    Counts the calls that took the shared path."""
-    monkeypatch.setenv("RINGTRAIN_SHARED_MIN_BYTES", "1")
+def shared_ring(request):
+    """A ring that hands out shared memory; counts the calls that took the shared path."""
     r = Ring(WORLD, polite=request.param == "polite")
     r.shared_calls = 0
     inner = r._shared_allreduce
@@ -357,7 +354,7 @@ def test_shared_memory_outlives_the_ring_and_leaves_no_file():
     ring = Ring(WORLD)
     t = ring.empty(1 << 20)
     t.fill_(float(R + 1))
-    ring.allreduce_(t, op="sum")  # 4 MiB: over the default threshold, the shared path
+    ring.allreduce_(t, op="sum")
     assert ring.is_shared(t) == (N > 1)
     ring.close()
     t += 1  # still mapped: no crash, and still this rank's own memory
@@ -386,3 +383,19 @@ def test_without_usable_shared_memory_the_ring_falls_back_to_private_memory(monk
             assert "no shared memory" in err and "/nonexistent-ringtrain-dir" in err
     finally:
         ring.close()
+
+
+def test_shared_buffer_rewritten_right_after_each_call_stays_exact(shared_ring):
+    """The caller may write its buffer the moment a call returns: no peer still reads or
+    writes it. Rank 0 lags after every call, so a peer that returned early would fill its
+    buffer while rank 0's results were still on their way into it."""
+    import time
+
+    ring = shared_ring
+    t = ring.empty(200_003)
+    for it in range(12):
+        t.fill_(float(R + it))
+        ring.allreduce_(t, op="sum")
+        assert torch.all(t == sum(r + it for r in range(N))), f"iteration {it}"
+        if R == 0:
+            time.sleep(0.003)
