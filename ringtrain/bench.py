@@ -132,13 +132,13 @@ def bench_allreduce(args) -> list[dict]:
     itemsize = torch.tensor([], dtype=dtype).element_size()
     backends = _make_backends(names, world, args)
     # --buffers shared: every backend's buffers come from one ring's shared memory (Ring.empty)
-    alloc_ring = None
+    alloc_ring = extra_ring = None
     if args.buffers == "shared":
         from ringtrain.ring import Ring
 
         alloc_ring = next((b.ring for b in backends if b.name == "ring"), None)
         if alloc_ring is None:  # no ring under test: one just to allocate, closed at the end
-            alloc_ring = Ring(world.comm)
+            alloc_ring = extra_ring = Ring(world.comm)
     n = world.size
     buffers = args.buffers
     if buffers == "shared" and (n == 1 or not alloc_ring.one_node):
@@ -205,8 +205,8 @@ def bench_allreduce(args) -> list[dict]:
             print(f"# rows written to {args.json}")
     for b in backends:
         b.close()
-    if alloc_ring is not None and not any(b.ring is alloc_ring for b in backends):
-        alloc_ring.close()
+    if extra_ring is not None:
+        extra_ring.close()
     return rows
 
 

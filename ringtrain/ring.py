@@ -489,22 +489,18 @@ class Ring:
         """
         import torch
 
-        MPI = _mpi()
         dtype = torch.float32 if dtype is None else dtype
-        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        if str(dtype).removeprefix("torch.") not in _DTYPES:
             raise TypeError(f"Ring.empty supports {sorted(_DTYPES)}, got {dtype}")
         count = int(count)
         if count < 0:
             raise ValueError(f"Ring.empty needs a count >= 0, got {count}")
         if not self._engine.idle:
             raise RuntimeError("Ring.empty is collective: call it while no async all-reduce is pending")
-        nbytes = count * torch.tensor([], dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         # Every rank must ask alike: a rank reads its peers' tensors at its own offset.
-        both = np.array([nbytes, -nbytes], dtype=np.int64)
-        out = np.empty_like(both)
-        self.comm.Allreduce(both, out, op=MPI.MAX)
-        if out[0] != -out[1]:
-            sizes = self.comm.allgather(nbytes)
+        sizes = self.comm.allgather(nbytes)  # control values, not data
+        if len(set(sizes)) > 1:
             raise RingMismatchError(
                 "Ring.empty called with different sizes across ranks: "
                 + "; ".join(f"rank {r}: {b} bytes" for r, b in enumerate(sizes))

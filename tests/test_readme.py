@@ -26,6 +26,6 @@ def test_benchmark_commands_at_toy_scale(tmp_path):
     ring, mpi = by[("ring", 65536)], by[("mpi", 65536)]
     paired = sorted(m / g for m, g in zip(mpi["times_s"], ring["times_s"]))[1]
     assert f"ring/mpi {ring['busbw_GBps'] / mpi['busbw_GBps']:.2f} (paired {paired:.2f} [" in proc.stdout
-    proc = ok(run_mpi(2, ["-m", "ringtrain", "bench", "train", "--backends", "ring,ring+nolog,mpi,ddp", "--model", "mlp",
+    proc = ok(run_mpi(2, ["-m", "ringtrain", "bench", "train", "--backends", "ring,ring+nolog,ring+private,mpi,ddp", "--model", "mlp",
                           "--synthetic-shape", "1,8,8", "--rounds", "2", "--steps-per-round", "2"]))
     assert "samples/s ring / ddp" in proc.stdout
